@@ -36,7 +36,7 @@ def test_data_writes_the_cpu_dataset_and_prints_the_checks(
         "all dataset checks passed",
     ):
         assert line in result.output
-    assert "│ train │     300 │    260 │   240 │   800 │" in result.output
+    assert "│ train │     400 │    200 │   200 │   800 │" in result.output
 
 
 def test_data_context_placement_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

