@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from bench import extraction, monitor_overhead
+from bench import dictionary_training, extraction, monitor_overhead
 
 
 def main() -> None:
     extraction.main()
+    dictionary_training.main([])
     monitor_overhead.main([])
 
 

