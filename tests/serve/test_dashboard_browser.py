@@ -108,6 +108,7 @@ def test_dashboard_in_a_headless_browser(
             page.click("form.filters button[type=submit]")
             page.wait_for_url(f"{base}/dashboard?show=all&detector=&q=")
             assert rows.count() == 3 and page.locator("#requests .badge.clean").count() == 1
+            page.screenshot(path=str(tmp_path / "requests.png"), full_page=True)
 
             page.click(f'a[href="/dashboard/requests/{ids["xss"]}"]')
             page.wait_for_url(f"{base}/dashboard/requests/{ids['xss']}")
@@ -128,10 +129,13 @@ def test_dashboard_in_a_headless_browser(
 
             page.click("header a:text('Units')")
             assert page.locator("#units tbody tr").count() >= 16
+            page.click("#units tbody tr:first-child a")
+            assert page.locator(".tokens .tok.fired").count() >= 1  # its top example
+            page.screenshot(path=str(tmp_path / "unit.png"), full_page=True)
             assert page.locator("script").count() == 0
         finally:
             browser.close()
     assert problems == []
     assert dialogs == []
-    for name in ("request.png", "stats.png"):
+    for name in ("requests.png", "request.png", "stats.png", "unit.png"):
         assert (tmp_path / name).stat().st_size > 10_000
