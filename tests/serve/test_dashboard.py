@@ -501,3 +501,15 @@ def test_store_searches_pages_forward_and_ranks_unit_alerts(any_store: AlertStor
         (first.id, 0.4),
     ]
     assert any_store.top_alerts("weight-ranges", 6) == []
+
+
+def test_malformed_login_forms_are_400(monitor: Monitor, store: AlertStore) -> None:
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    app = create_app(monitor, store, replace(SETTINGS, api_key=KEY))
+    with TestClient(app, follow_redirects=False) as client:
+        assert client.post("/dashboard/login", content=b"key=\xff", headers=form).status_code == 400
+        many = "&".join(f"f{i}=x" for i in range(10)).encode()
+        assert client.post("/dashboard/login", content=many, headers=form).status_code == 400
+        assert client.get("/dashboard/login", params={"next": "/" * 2001}).status_code == 400
+        plain = client.post("/dashboard/login", content=f"key={KEY}".encode(), headers=form)
+        assert plain.status_code == 303 and plain.headers["location"] == "/dashboard"
