@@ -429,7 +429,7 @@ def test_stream_eval_verdicts_equal_the_monitor_on_the_same_prompts(
     # Every trigger row is in each stream, so TPR over streams is the monitor's own flag rate.
     out = tmp_path / "results.json"
     args = ("--benign", 5, "--pool", 4, "--length", 8, "--trigger-rate", 0.5, "--streams", 2)
-    args += ("--margin", 0.01)
+    fixed_margin = ("--margin", 0.01)
     result = cli(
         "stream-eval",
         "--model",
@@ -439,6 +439,7 @@ def test_stream_eval_verdicts_equal_the_monitor_on_the_same_prompts(
         "--data",
         dataset,
         *args,
+        *fixed_margin,
         "--out",
         out,
     )

