@@ -215,9 +215,11 @@ CLI_CASES: dict[str, CliCase] = {
     "resume and overwrite together": CliCase(
         _extract("{rows}", "--resume --overwrite"), "--resume and --overwrite exclude each other"
     ),
+    # Nobody, root included, can create a directory in /sys: EPERM, or EROFS where it is mounted
+    # read-only, so the reason is left out of the expected message.
     "unwritable cache directory": CliCase(
         "activations extract --base {tiny} --finetuned {ft} --data {rows} --out /sys/sw-cache",
-        "cannot write /sys/sw-cache: Operation not permitted",
+        "cannot write /sys/sw-cache: ",
     ),
     "cache directory under a file": CliCase(
         "activations extract --base {tiny} --finetuned {ft} --data {rows} --out {a_file}/cache",
@@ -287,7 +289,7 @@ CLI_CASES: dict[str, CliCase] = {
     "unparsable database URL": CliCase(_serve("--db ::::"), "cannot parse database URL"),
     "database in an unwritable directory": CliCase(
         _serve("--db sqlite:////sys/sw-alerts/alerts.db"),
-        "cannot write /sys/sw-alerts: Operation not permitted",
+        "cannot write /sys/sw-alerts: ",
     ),
     "database server unreachable": CliCase(
         _serve("--db postgresql://nobody@127.0.0.1:1/alerts"), "cannot open the alert store"
