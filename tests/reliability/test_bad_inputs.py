@@ -390,6 +390,8 @@ class ApiCase:
     """Headers on top of the right API key (an empty value leaves the header out)."""
     code: str | None = None
     """Expected ``error.code``, when the service sets one."""
+    param: str | None = None
+    """Expected ``error.param``, when the service names the field."""
     chunked: bool = False
     """Send the body without a Content-Length, in two pieces."""
     patch: Callable[[pytest.MonkeyPatch, AlertStore], None] | None = None
@@ -413,6 +415,47 @@ API_CASES: dict[str, ApiCase] = {
     "max_tokens of the wrong type": ApiCase(
         400, "max_tokens: Input should be a valid integer", _chat(max_tokens="ten")
     ),
+    # Strict types: none of these is coerced into a value the client did not send.
+    "max_tokens a boolean": ApiCase(
+        400,
+        "max_tokens: Input should be a valid integer",
+        _chat(max_tokens=True),
+        param="max_tokens",
+    ),
+    "max_tokens a fraction": ApiCase(
+        400, "max_tokens: Input should be a valid integer", _chat(max_tokens=4.0)
+    ),
+    "max_completion_tokens a string": ApiCase(
+        400,
+        "max_completion_tokens: Input should be a valid integer",
+        _chat(max_completion_tokens="4"),
+        param="max_completion_tokens",
+    ),
+    "seed a string": ApiCase(400, "seed: Input should be a valid integer", _chat(seed="7")),
+    "n a boolean": ApiCase(400, "n: Input should be a valid integer", _chat(n=True)),
+    "stream a string": ApiCase(
+        400, "stream: Input should be a valid boolean", _chat(stream="yes"), param="stream"
+    ),
+    "stream a number": ApiCase(400, "stream: Input should be a valid boolean", _chat(stream=1)),
+    "stream_options.include_usage a string": ApiCase(
+        400,
+        "stream_options.include_usage: Input should be a valid boolean",
+        _chat(stream=True, stream_options={"include_usage": "true"}),
+        param="stream_options.include_usage",
+    ),
+    "monitor.scores a number": ApiCase(
+        400,
+        "monitor.scores: Input should be a valid boolean",
+        _chat(monitor={"scores": 1}),
+        param="monitor.scores",
+    ),
+    "temperature a string": ApiCase(
+        400,
+        "temperature: Input should be a valid number",
+        _chat(temperature="0.5"),
+        param="temperature",
+    ),
+    "top_p a boolean": ApiCase(400, "top_p: Input should be a valid number", _chat(top_p=True)),
     "messages of the wrong type": ApiCase(
         400, "messages: Input should be a valid list", _chat(messages="hello")
     ),
@@ -560,5 +603,7 @@ def test_api_refuses_bad_requests_with_openai_errors(
     assert error["type"] == kinds.get(case.status, "invalid_request_error")
     if case.code is not None:
         assert error["code"] == case.code
+    if case.param is not None:
+        assert error["param"] == case.param
     monkeypatch.undo()
     assert store.counts() == stored_before

@@ -112,6 +112,13 @@ def test_chat_is_stored_before_it_is_answered(
         store.close()
 
 
+def test_numbers_may_be_sent_as_integers(client_for: ClientFactory) -> None:
+    # Request types are strict, but JSON has one number type: 0 is a valid temperature.
+    with client_for() as client:
+        response = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0, "top_p": 1})
+    assert response.status_code == 200, response.text
+
+
 def test_text_completion_and_per_token_scores(client_for: ClientFactory, store: AlertStore) -> None:
     with client_for() as client:
         response = client.post(

