@@ -112,6 +112,47 @@ def test_chat_is_stored_before_it_is_answered(
         store.close()
 
 
+@contextmanager
+def generating_nul(loaded: LoadedModel) -> Iterator[None]:
+    """The model generates NUL characters: that token's logit is raised far above the others."""
+    (nul,) = loaded.tokenizer.encode("\x00", add_special_tokens=False)
+
+    def raise_nul(_module: torch.nn.Module, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+        bias[nul] = 1e4
+        return logits + bias
+
+    handle = loaded.model.lm_head.register_forward_hook(raise_nul)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_generated_nul_is_stored_and_answered_as_a_replacement_character(
+    backend: str, monitor: Monitor, store: AlertStore, request: pytest.FixtureRequest
+) -> None:
+    if backend == "postgresql":
+        store = AlertStore(request.getfixturevalue("postgres_url"))
+    asked = {**CHAT, "max_tokens": 3, "monitor": {"scores": True}}
+    with generating_nul(monitor.loaded), TestClient(create_app(monitor, store, SETTINGS)) as client:
+        plain = client.post("/v1/chat/completions", json=asked)
+        streamed = client.post("/v1/chat/completions", json={**asked, "stream": True})
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert body["choices"][0]["message"]["content"] == "\ufffd" * 3
+    stored = store.get(body["monitor"]["request_id"])
+    assert stored is not None and stored.record.completion == "\ufffd" * 3
+    assert body["monitor"]["tokens"] == stored.record.tokens
+    assert stored.record.tokens[-2:] == ["\ufffd", "\ufffd"]  # the last token is not scored
+    chunks = events(streamed)[:-1]
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text == "\ufffd" * 3
+    if backend == "postgresql":
+        store.close()
+
+
 def test_numbers_may_be_sent_as_integers(client_for: ClientFactory) -> None:
     # Request types are strict, but JSON has one number type: 0 is a valid temperature.
     with client_for() as client:

