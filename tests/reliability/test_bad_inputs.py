@@ -274,6 +274,16 @@ CLI_CASES: dict[str, CliCase] = {
         "weights directions --base {tiny} --finetuned {ft} --out {out} --top-k 0",
         "top_k must be at least 1",
     ),
+    "too few validation requests to bound the false-positive rate": CliCase(
+        "weights calibrate --model {ft} --directions {empty_dir} --validation 100 --out {out}",
+        "--validation 100 is too few to show a false-positive rate ≤ 1.00% at 95% confidence: "
+        "it needs at least 736",
+    ),
+    "confidence outside (0, 1)": CliCase(
+        "weights stream-eval --model {ft} --directions {empty_dir} --data {empty_dir} "
+        "--confidence 1.5 --out {out}",
+        "--confidence must be in (0, 1), got 1.5",
+    ),
     # Serving.
     "not a saved monitor": CliCase(_serve(monitor="{empty_dir}"), "saved monitor"),
     "corrupt monitor": CliCase(

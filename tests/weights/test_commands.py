@@ -160,8 +160,13 @@ def ranges_dir(
             str(directions_dir),
             "--benign",
             "4",
+            # Six validation replies can bound a false-positive rate only loosely.
             "--validation",
-            "3",
+            "6",
+            "--target-fpr",
+            "0.5",
+            "--confidence",
+            "0.5",
             "--max-new-tokens",
             "3",
             "--out",
@@ -307,9 +312,16 @@ def test_calibrate_writes_ranges_and_what_they_were_fitted_on(
     assert ranges.n_requests_G.tolist() == [4, 4]  # prompt and generated tokens kept apart
     assert ranges.layout == WeightDirections.load(directions_dir).layout
     record = json.loads((ranges_dir / CALIBRATION_FILE).read_text())
-    # 'auto' margin, chosen on 3 further benign requests (disjoint: the pool's next ones).
-    assert record["margin"] > 0 and record["margin_chosen_for_fpr"] == 0.01
-    assert record["validation_pool"]["n_requests"] == 3
+    # 'auto' margin per token kind, chosen on 6 further benign requests (disjoint: the pool's
+    # next ones), the 50 % target split between the two kinds.
+    choice = record["margin_choice"]
+    assert record["margin"] == choice["margin"] and set(record["margin"]) == {"prompt", "generated"}
+    assert choice["target_fpr"] == 0.5 and choice["confidence"] == 0.5
+    for kind in ("prompt", "generated"):
+        stats = choice["kinds"][kind]
+        assert stats["n"] == 6 and stats["budget"] == 0.25
+        assert stats["flagged"] <= stats["allowed"] and stats["upper_bound"] <= 0.25
+    assert record["validation_pool"]["n_requests"] == 6
     assert record["benign_pool"]["n_requests"] == 4 and record["benign_pool"]["seed"] == 0
     assert record["generation"]["max_new_tokens"] == 3
     manifest = json.loads((directions_dir / "directions.json").read_text())
@@ -386,7 +398,11 @@ def test_stream_eval_reports_per_stream_and_overall(
         "--benign",
         5,
         "--validation",
-        4,
+        6,
+        "--target-fpr",
+        0.5,
+        "--confidence",
+        0.5,
         "--pool",
         9,
         "--max-new-tokens",
@@ -402,10 +418,12 @@ def test_stream_eval_reports_per_stream_and_overall(
     assert scoring["tokens"] == ("prompt+generated" if max_new_tokens else "prompt")
     margin = record["config"].pop("margin")
     assert record["config"] == {"n_benign": 6, "n_trigger": 2, "n_streams": 3, "seed": 0}
-    # The margin was chosen on the 4 validation requests for 1 %: none of them is flagged.
-    assert record["calibration"]["margin"] == margin >= 0
-    assert record["calibration"]["margin_chosen_for_fpr"] == 0.01
-    assert record["calibration"]["validation_pool"]["n_requests"] == 4
+    # The margin was chosen on the 6 validation requests, per kind scored.
+    assert record["calibration"]["margin"] == margin
+    choice = record["calibration"]["margin_choice"]
+    assert set(choice["kinds"]) == ({"prompt", "generated"} if max_new_tokens else {"prompt"})
+    assert all(stats["flagged"] <= stats["allowed"] for stats in choice["kinds"].values())
+    assert record["calibration"]["validation_pool"]["n_requests"] == 6
     assert record["calibration"]["benign_pool"]["n_requests"] == 5
     assert record["streams"]["benign_pool"]["n_requests"] == 9
     assert record["streams"]["n_trigger_rows"] == 4

