@@ -31,8 +31,9 @@ def decode_unmonitored(
     *,
     policy: Policy = "log",
     seeds: Sequence[int] | None = None,
+    reference: LoadedModel | None = None,
 ) -> list[DecodedRequest]:
-    """:func:`decode_batch` with the detectors left out."""
+    """:func:`decode_batch` with the detectors (and so any reference model) left out."""
     return decode_batch(loaded, prompts, config, (), policy=policy, seeds=seeds)
 
 

@@ -90,7 +90,7 @@ GOOD: dict[str, Any] = {
         (
             {"detectors": [{"name": "weight-range", "path": "w"}]},
             "detectors[0]: field 'name' 'weight-range' is not a registered detector",
-            "choose one of: sae-quarantine, weight-ranges",
+            "choose one of: diff-sae, sae-quarantine, weight-ranges",
         ),
         ({"policy": "shout"}, "unknown policy 'shout'", "choose one of log, steer, block"),
         ({"polcy": "block"}, "unknown field 'polcy'", "the fields are: format"),

