@@ -154,6 +154,11 @@ def test_margin_for_fpr_splits_the_target_between_token_kinds() -> None:
     # Together the kinds flag no more requests than the two allowances.
     flagged = sum(ranges.check(item, choice.margin).flagged for item in validation)
     assert flagged <= 2 * choice.kinds["prompt"]["allowed"]
+    assert "largest validation excess" not in choice.describe()
+    # With a budget that allows no flag, each margin is the largest excess, and the line says so.
+    strict = ranges.margin_for_fpr(validation, 0.12, confidence=0.8)
+    assert {stats["allowed"] for stats in strict.kinds.values()} == {0}
+    assert "the prompt and generated margin is the largest validation excess" in strict.describe()
 
 
 def test_margin_for_fpr_refuses_what_it_cannot_bound() -> None:
