@@ -412,6 +412,8 @@ def test_stream_eval_reports_per_stream_and_overall(
     )
     assert result.exit_code == 0, result.stderr
     assert "first-sight detection" in result.stdout
+    # How the margin was chosen is said, on one line.
+    assert "upper bound on the false-positive rate stays ≤ 50.0%" in " ".join(result.stdout.split())
     record = json.loads(out.read_text())
     scoring = record["scoring"]
     assert scoring["teacher_forced"] is False

